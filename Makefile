@@ -1,0 +1,24 @@
+# The README's two commands: `make demo` and `make test`.
+PY := .venv/bin/python
+.PHONY: setup setup-test demo test test-fast bench clean
+
+setup:
+	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh --test
+
+demo: setup
+	$(PY) -m pretrain.demo
+
+test: setup-test
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+bench: setup
+	$(PY) tools/bench_all.py
+
+clean:
+	rm -rf runs work_dirs .pytest_cache

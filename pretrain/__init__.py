@@ -1,0 +1,1 @@
+"""Object-centric self-supervised pretraining (SlotCon and relatives)."""

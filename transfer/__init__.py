@@ -1,0 +1,1 @@
+"""Downstream transfer: Detectron2 detection and MMSegmentation segmentation protocols."""
