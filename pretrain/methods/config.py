@@ -18,3 +18,5 @@ class ModelConfig:
     center_momentum: float = 0.9  # lambda_c
     tau_c: float = 0.2  # slot contrastive temperature
     lambda_g: float = 0.5  # weight of the grouping loss (Eq. 8)
+    zero_init_residual: bool = False  # torchvision option: zero the last BN gamma of each block
+    pool_eps: float = 1e-6  # added to the assignment softmax before pooling (Eq. 4, recipe)

@@ -1,0 +1,94 @@
+"""Group-level contrastive learning between slots (SlotCon Sec. 3.2, Eq. 5-7)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .gather import all_reduce_sum, concat_all_gather, get_rank, get_world_size
+
+
+@torch.no_grad()
+def active_mask(logits: Tensor) -> Tensor:
+    """Eq. 5: slot k is active in a view iff it is the argmax of some pixel. ``(B, K, h, w) -> (B, K)`` bool.
+
+    The argmax of ``softmax(logits / τ)`` over K equals the argmax of the logits, so the raw
+    similarities suffice.
+    """
+    b, k = logits.shape[:2]
+    winners = logits.flatten(2).argmax(dim=1)  # (B, h*w)
+    mask = torch.zeros(b, k, dtype=torch.bool, device=logits.device)
+    return mask.scatter_(1, winners, True)
+
+
+def slot_infonce(
+    pred: Tensor,
+    query_index: Tensor,
+    teacher_all: Tensor,
+    teacher_mask_all: Tensor,
+    tau: float,
+) -> Tensor:
+    """InfoNCE of Eq. 6 for the selected student slots, summed (not averaged) over them.
+
+    ``pred``: ``(n, D)`` predictor outputs q(s_θ) of the selected student slots; ``query_index``:
+    ``(n,)`` the flat index of each one's positive in ``teacher_all`` (slot k of the same image in
+    the other view, offset by this rank's position in the gather); ``teacher_all``: ``(M, D)``
+    teacher slots of every image on every rank; ``teacher_mask_all``: ``(M,)`` their activity
+    (Eq. 5). Negatives are all active teacher slots. Returns the float32 sum of the n losses.
+    """
+    keys_idx = teacher_mask_all.nonzero().squeeze(1)
+    keys = F.normalize(teacher_all.detach().float()[keys_idx], dim=1)
+    # The position of each positive among the active keys.
+    labels = teacher_mask_all.long().cumsum(0)[query_index] - 1
+    logits = F.normalize(pred.float(), dim=1) @ keys.t() / tau
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def slot_contrastive_loss(
+    student_slots: Tensor,
+    teacher_slots: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    predictor: Callable[[Tensor], Tensor],
+    tau: float,
+    *,
+    gathered: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Eq. 6 for one direction ``L^InfoNCE(S_θ^l, S_ξ^{l'})``, scaled by ``2·τc`` (recipe).
+
+    ``student_slots``: ``(B, K, D)`` student slots of view l (with gradient); ``teacher_slots``:
+    ``(B, K, D)`` teacher slots of view l'; masks ``(B, K)`` bool from Eq. 5. A student slot enters
+    only where it is active in view l *and* the same prototype is active in the teacher's view l';
+    its positive is teacher slot k of the same image in view l'; negatives are every active teacher
+    slot of every image on every rank. ``gathered`` may pass ``(teacher_all, teacher_mask_all)``
+    already gathered over ranks (rank-major, ``B*K`` rows per rank) to save a collective.
+
+    Normalisation: the recipe averages over the selected slots. Here the sum is divided by the
+    all-reduced count / world size, which equals that mean in one process, and makes the average
+    over ranks (what DDP applies to gradients) the exact mean over all selected slots of the global
+    batch, whatever each rank's count.
+    """
+    b, k, _ = student_slots.shape
+    if teacher_slots.shape[:2] != (b, k) or student_mask.shape != (b, k) or teacher_mask.shape != (b, k):
+        raise ValueError("slot_contrastive_loss: slots and masks must share (B, K)")
+    selected = (student_mask & teacher_mask).flatten()
+    query = selected.nonzero().squeeze(1)
+    if gathered is None:
+        gathered = (concat_all_gather(teacher_slots.detach().flatten(0, 1)), concat_all_gather(teacher_mask.flatten()))
+    teacher_all, teacher_mask_all = gathered
+    count = all_reduce_sum(torch.tensor(float(query.numel()), device=student_slots.device))
+    if query.numel() == 0:
+        # Nothing to contrast on this rank: a zero that still touches the student graph, so DDP
+        # sees every parameter used.
+        zero = student_slots.sum() * 0.0
+        if isinstance(predictor, torch.nn.Module):
+            zero = zero + sum(p.sum() for p in predictor.parameters()) * 0.0
+        return zero
+    pred = predictor(student_slots.flatten(0, 1)[query])
+    total = slot_infonce(pred, query + get_rank() * b * k, teacher_all, teacher_mask_all, tau)
+    return total * (get_world_size() / count.clamp(min=1.0)) * (2.0 * tau)
+
+
+__all__ = ["active_mask", "slot_infonce", "slot_contrastive_loss"]
