@@ -79,7 +79,7 @@ def _read(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle / zip / runtime errors depending on the damage
         raise CheckpointError(
-            f"cannot read checkpoint {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}"
+            f"cannot read checkpoint {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         ) from exc
 
 
