@@ -22,3 +22,8 @@ class DataConfig:
     solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # more undecodable images than this stops the run
+    # dataset=toy with loader=pil: the toy scenes are generated at `root` if meta.json is missing
+    toy_n_train: int = 256
+    toy_n_val: int = 64
+    toy_size: int = 128
+    toy_seed: int = 0
