@@ -1,0 +1,97 @@
+"""Optimisers for pretraining: LARS (Barlow Twins / SlotCon variant) and SGD, with param groups.
+
+LARS (You et al., 2017) as used by Barlow Twins and SlotCon: for every parameter with more than
+one dimension the update ``d = g + wd * w`` is scaled by the trust ratio
+``eta * ||w|| / ||d||`` (1 where either norm is 0); parameters with one dimension (biases, BN
+weights and biases) get neither weight decay nor the trust ratio, i.e. plain SGD with momentum.
+The momentum buffer accumulates ``mu <- m * mu + d`` and ``w <- w - lr * mu``.
+
+Own implementation rather than ``timm.optim.Lars``: timm's trust ratio divides by
+``||g|| + wd * ||w||`` instead of ``||g + wd * w||``, so it is not the published update.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS with per-group switches ``lars`` (trust ratio) and ``weight_decay``.
+
+    Group options: ``lr``, ``weight_decay``, ``momentum``, ``eta``, ``lars`` (bool). Only
+    primitives live in the groups, so ``state_dict()`` loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9, eta: float = 0.001, lars: bool = True) -> None:
+        if lr < 0 or weight_decay < 0 or momentum < 0 or eta <= 0:
+            raise ValueError(f"LARS: invalid lr={lr}, weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=lars))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer API
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["weight_decay"] != 0:
+                    d = d.add(p, alpha=g["weight_decay"])
+                if g["lars"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    d_norm = torch.linalg.vector_norm(d)
+                    one = torch.ones_like(w_norm)
+                    q = torch.where(w_norm > 0, torch.where(d_norm > 0, g["eta"] * w_norm / d_norm, one), one)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(d)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: ``>1``-D weights (decay + trust ratio) and 1-D params (neither).
+
+    Each group carries ``lars`` and ``weight_decay``; parameters that do not require grad
+    (the EMA teacher) are left out.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True, "name": "weights"},
+        {"params": no_decay, "weight_decay": 0.0, "lars": False, "name": "bias_bn"},
+    ]
+
+
+def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: float,
+                    momentum: float, eta: float = 0.001) -> torch.optim.Optimizer:
+    """``lars`` (SlotCon Sec. 4.1) or ``sgd`` (momentum SGD, 1-D params without weight decay)."""
+    groups = param_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+    if name == "sgd":
+        for g in groups:
+            g.pop("lars")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"optim.name: unknown optimiser {name!r}; valid: lars, sgd")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every group (the schedule is per step)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+__all__ = ["LARS", "param_groups", "build_optimizer", "set_lr"]

@@ -1,0 +1,63 @@
+"""Graceful stop: SIGTERM / SIGUSR1 (or :func:`request_stop`) -> finish the step, checkpoint, exit.
+
+The handler only sets a flag; the trainer checks it after each optimiser step (agreeing across
+ranks through an all-reduce, so every rank stops after the same step), writes a checkpoint and
+returns with :data:`EXIT_PREEMPTED`. SLURM sends SIGTERM before a preemption/time limit
+(``--signal=USR1@90`` gives SIGUSR1 earlier); submitit's checkpoint hook calls :func:`request_stop`.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+#: Process exit codes of ``python -m pretrain`` (sysexits.h values where one fits).
+EXIT_OK = 0  # training finished
+EXIT_CONFIG = 64  # EX_USAGE: bad config / command line
+EXIT_NONFINITE = 65  # EX_DATAERR: NaN/Inf loss; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; re-run to resume
+
+_stop = threading.Event()
+_received: list[str] = []
+
+
+def request_stop(reason: str = "request_stop()") -> None:
+    """Ask the running trainer to save a checkpoint after the current step and return (thread/signal safe)."""
+    _received.append(reason)
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def stop_reason() -> str:
+    return _received[-1] if _received else ""
+
+
+def clear_stop() -> None:
+    """Reset the flag (a new run in the same process starts clean)."""
+    _stop.clear()
+    _received.clear()
+
+
+def _handler(signum, _frame) -> None:
+    request_stop(signal.Signals(signum).name)
+
+
+def install_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> dict[int, object]:
+    """Install the stop handler (main thread only); returns the previous handlers for :func:`restore_handlers`."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for s in signals:
+        previous[s] = signal.signal(s, _handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, object]) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)  # type: ignore[arg-type]
+
+
+__all__ = ["EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "request_stop", "stop_requested",
+           "stop_reason", "clear_stop", "install_handlers", "restore_handlers"]

@@ -1,0 +1,87 @@
+"""Entry point of ``python -m pretrain``: parse, set up distributed, train, map outcomes to exit codes.
+
+Usage::
+
+    python -m pretrain configs/pretrain/demo_cpu.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m pretrain configs/pretrain/slotcon_coco_r50_800ep.yaml train.output_dir=/ckpt
+    srun python -m pretrain configs/...yaml        # SLURM variables are read directly
+
+Exit codes (``pretrain.engine.signals``): 0 finished (or ``train.max_steps`` reached); 64 bad
+config/command line; 65 non-finite loss (last good checkpoint kept); 75 stopped by
+SIGTERM/SIGUSR1 or :func:`request_checkpoint_and_exit` after writing a checkpoint: run the same
+command again to resume (``train.resume=auto``).
+
+Programmatic use (the SLURM/submitit launcher): :func:`main` with an argv list, or :func:`run`
+with a loaded config; :func:`request_checkpoint_and_exit` from a signal handler or another thread.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pretrain.config import ConfigError, PretrainConfig, load_config
+from pretrain.engine.distributed import cleanup, init_distributed
+from pretrain.engine.signals import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, clear_stop,
+                                     install_handlers, request_stop, restore_handlers)
+from pretrain.engine.trainer import NonFiniteLossError, TrainHooks, TrainResult, fit
+
+log = logging.getLogger("pretrain")
+
+
+def request_checkpoint_and_exit(reason: str = "requested") -> None:
+    """Make the running :func:`run` finish its step, save a checkpoint and return ``preempted``."""
+    request_stop(reason)
+
+
+def run(cfg: PretrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Train ``cfg`` in this process (one rank of a job, or the only one).
+
+    Initialises the process group from the environment when ``WORLD_SIZE > 1`` (and destroys it
+    afterwards if it created it), installs the SIGTERM/SIGUSR1 stop handlers while training.
+    """
+    import torch.distributed as dist
+
+    created = not (dist.is_available() and dist.is_initialized())
+    clear_stop()
+    previous = install_handlers()
+    try:
+        env = init_distributed(cfg.train.device)
+        return fit(cfg, env, hooks)
+    finally:
+        restore_handlers(previous)
+        if created:
+            cleanup()
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML under configs/pretrain/ (omit to use the defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=0.5 train.amp=none")
+    a = p.parse_args(argv)
+    config = a.config
+    overrides = list(a.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: returns the process exit code (see the module docstring)."""
+    config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        result = run(cfg)
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return EXIT_NONFINITE
+    return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
+
+
+__all__ = ["main", "run", "request_checkpoint_and_exit", "parse_args"]
