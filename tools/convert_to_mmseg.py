@@ -1,0 +1,50 @@
+"""Convert a pretraining checkpoint's teacher encoder to MMSegmentation's ResNet format.
+
+    python tools/convert_to_mmseg.py CKPT OUT.pth [--arch resnet50]
+
+CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.``) or an exported
+backbone ``{"backbone": ..., "arch": ...}`` (docs/contracts.md). The teacher encoder is what SlotCon
+transfers (Sec. 4.2). OUT holds plain tensors under ``state_dict`` with mmseg ``type='ResNet'`` key
+names (no prefix: consumed by the backbone's ``init_cfg=dict(type='Pretrained', checkpoint=OUT)``,
+which ``python -m transfer.segmentation --weights OUT`` sets); see transfer/segmentation/weights.py.
+Every key of mmseg's ResNet of that depth is verified present once with the right shape, and
+nothing else; unreadable files, checkpoints without an encoder and a wrong depth are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transfer.checkpoint_io import CheckpointError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="pretraining checkpoint or exported backbone")
+    p.add_argument("output", help="output .pth for MMSegmentation")
+    p.add_argument("--arch", help="required depth, e.g. resnet50 (default: the checkpoint's)")
+    args = p.parse_args(argv)
+
+    from transfer.segmentation.weights import convert
+
+    try:
+        s = convert(args.checkpoint, args.output, args.arch)
+    except CheckpointError as exc:
+        print(f"convert_to_mmseg: refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"input      {s['source']}")
+    print(f"arch       {s['arch']} (teacher encoder)")
+    print(f"tensors    {s['tensors']} (every key of mmseg ResNet-{s['depth']}, verified; no fc, no extras)")
+    print(f"parameters {s['parameters']:,}")
+    print(f"checksum   {s['checksum']}")
+    print(f"output     {s['output']}")
+    print(f"use        python -m transfer.segmentation --config configs/segmentation/<cfg>.py --weights {s['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""MMSegmentation 1.2 / mmengine 0.10 / mmcv-lite 2.1 on today's torch. Importing this applies every workaround.
+
+Only the segmentation transfer code imports it (``transfer.segmentation`` does on import); the
+pretraining library never does. Each workaround says why it is needed and is a no-op where the
+problem is absent (a full mmcv build with compiled ops, an older torch).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+_MISSING_OP_REASON = (
+    "is a compiled mmcv op, and this mmcv (mmcv-lite) has no compiled ops (mmcv._ext). FCN with "
+    "type='ResNet' never calls one; models that do need a full mmcv build (pip install mmcv==2.1.0 "
+    "from source, or OpenMMLab's CUDA wheels)."
+)
+
+
+def _missing_op(name: str):
+    """A stand-in for compiled op ``name`` that imports fine and fails with a clear message on use."""
+
+    def _raise(*args, **kwargs):
+        raise RuntimeError(f"mmcv.ops.{name} {_MISSING_OP_REASON}")
+
+    _raise.__name__ = name
+    return _raise
+
+
+def _install_mmcv_ops_placeholder() -> None:
+    # mmseg imports mmcv.ops unconditionally (focal_loss: sigmoid_focal_loss; utils: point_sample),
+    # and mmcv.ops' own __init__ loads mmcv._ext, which mmcv-lite lacks: without this, `import mmseg.models`
+    # fails. point_sample is pure Python in mmcv, so the real one is served; anything else is a stub
+    # that raises on use (losses and mIoU are identical to a full mmcv build, see docs DESIGN.md).
+    if "mmcv.ops" in sys.modules or importlib.util.find_spec("mmcv._ext") is not None:
+        return
+    import mmcv
+
+    ops_dir = Path(mmcv.__file__).parent / "ops"
+    placeholder = types.ModuleType("mmcv.ops", "Placeholder for mmcv.ops without compiled ops (transfer.segmentation.compat).")
+    placeholder.__path__ = [str(ops_dir)]  # lets `import mmcv.ops.point_sample` load the pure-Python file
+    placeholder.__file__ = str(ops_dir / "__init__.py")
+    sys.modules["mmcv.ops"] = placeholder
+    mmcv.ops = placeholder  # type: ignore[attr-defined]
+    from mmcv.ops.point_sample import point_sample  # pure Python: F.grid_sample
+
+    placeholder.point_sample = point_sample  # type: ignore[attr-defined]
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _missing_op(name)
+
+    placeholder.__getattr__ = __getattr__  # type: ignore[attr-defined]
+
+
+def _allow_mmengine_checkpoints_under_weights_only() -> None:
+    # torch >= 2.6 loads with weights_only=True by default, and mmengine's own checkpoints (resume,
+    # load_from, --eval-only) pickle its MessageHub's HistoryBuffer and numpy scalars in 'message_hub'
+    # and 'meta'. Allow-listing exactly those types keeps weights_only's safety instead of turning it off.
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is None:  # older torch: weights_only was not the default, nothing to do
+        return
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    safe: list = [HistoryBuffer, np.dtype, np.ndarray, np.core.multiarray._reconstruct if hasattr(np, "core") else None]
+    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8")]
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    safe.append(scalar)
+    add([s for s in safe if s is not None])
+
+
+def _quiet_expected_mmcv_lite_warning() -> None:
+    # mmcv.cnn's transformer bricks warn on import that MultiScaleDeformableAttention (a compiled op)
+    # is unavailable: expected with mmcv-lite and irrelevant to FCN; the op still fails loudly on use.
+    warnings.filterwarnings("ignore", message="Fail to import ``MultiScaleDeformableAttention``")
+
+
+def apply() -> None:
+    """Apply every workaround (idempotent)."""
+    _quiet_expected_mmcv_lite_warning()
+    _install_mmcv_ops_placeholder()
+    _allow_mmengine_checkpoints_under_weights_only()
+
+
+apply()

@@ -1,0 +1,270 @@
+"""MMSegmentation fine-tuning / evaluation of a converted backbone (SlotCon Sec. 4.2, semantic segmentation).
+
+One entry point for the three protocols (configs/segmentation/): builds the mmengine Runner from a
+config, the converted weights (tools/convert_to_mmseg.py) and ``key=value`` overrides; checks the
+dataset layout; refuses weights that would leave any backbone key random; writes metrics JSON.
+Same code path on a laptop (CPU, one process, BN) and on a cluster (torchrun or SLURM, NCCL, SyncBN).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import compat  # noqa: F401  (must precede mmseg imports)
+
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from .layout import check_layouts  # noqa: E402
+from .weights import check_weights_fit_config  # noqa: E402
+
+LAUNCHERS = ("none", "pytorch", "slurm")
+
+
+@dataclass
+class SegArgs:
+    """Command-line arguments of ``python -m transfer.segmentation``."""
+
+    config: str
+    weights: str | None = None
+    gpus: int | None = None
+    launcher: str = "none"
+    resume: bool = False
+    eval_only: bool = False
+    checkpoint: str | None = None
+    data_root: str | None = None
+    work_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m transfer.segmentation",
+        description="Fine-tune (or evaluate) an MMSegmentation FCN from a converted pretrained backbone.",
+    )
+    p.add_argument("--config", required=True, help="configs/segmentation/*.py (MMSegmentation 1.x)")
+    p.add_argument("--weights", help="backbone from tools/convert_to_mmseg.py, or 'random' for the random-init baseline")
+    p.add_argument("--gpus", type=int, help="total GPUs; with --launcher none and G>1 the job re-launches itself via torchrun")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in the work dir")
+    p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned model on the test split")
+    p.add_argument("--checkpoint", help="--eval-only: fine-tuned checkpoint (default: the work dir's last)")
+    p.add_argument("--data-root", help="dataset root; replaces data_root of every dataset in the config")
+    p.add_argument("--work-dir", help="default: work_dirs/<config name>")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_cfg.max_iters=1000")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> SegArgs:
+    ns = build_parser().parse_args(argv)
+    return SegArgs(
+        config=ns.config, weights=ns.weights, gpus=ns.gpus, launcher=ns.launcher, resume=ns.resume,
+        eval_only=ns.eval_only, checkpoint=ns.checkpoint, data_root=ns.data_root, work_dir=ns.work_dir,
+        overrides=list(ns.overrides),
+    )
+
+
+# ----------------------------------------------------------------------------- config editing
+
+def _lookup(cfg: Any, dotted: str) -> tuple[bool, Any]:
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False, None
+    return True, node
+
+
+def _type_ok(old: Any, new: Any) -> bool:
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return not (isinstance(old, int) and isinstance(new, float) and not new.is_integer())
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return True
+    return isinstance(new, type(old))
+
+
+def parse_overrides(cfg: Config, items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings -> dict for ``cfg.merge_from_dict``.
+
+    Values are parsed as mmengine's ``--cfg-options`` does (numbers, bools, lists, tuples). A key the
+    config does not have, or a value of another type, is an error naming the key; prefix ``+`` to add a key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = DictAction._parse_iterable(raw)
+        if key.startswith("+"):
+            out[key[1:]] = value
+            continue
+        found, old = _lookup(cfg, key)
+        if not found:
+            raise KeyError(f"unknown config key {key!r} in override {item!r} (prefix '+' to add a new key)")
+        if not _type_ok(old, value):
+            raise TypeError(f"config key {key!r} is {type(old).__name__} ({old!r}); override gives "
+                            f"{type(value).__name__} ({value!r})")
+        out[key] = value
+    return out
+
+
+def _walk(node: Any, fn) -> None:
+    if isinstance(node, dict):
+        fn(node)
+        for v in node.values():
+            _walk(v, fn)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _walk(v, fn)
+
+
+def set_norm(cfg: Config, use_syncbn: bool) -> None:
+    """SyncBN where it can run (CUDA and more than one process), plain BN otherwise (DESIGN.md)."""
+    src, dst = ("BN", "SyncBN") if use_syncbn else ("SyncBN", "BN")
+
+    def fix(d: dict) -> None:
+        if d.get("type") == src and ("requires_grad" in d or src == "SyncBN"):
+            d["type"] = dst
+
+    if not use_syncbn:
+        _walk(cfg._cfg_dict, fix)
+
+
+def set_data_root(cfg: Config, root: str) -> None:
+    """Point every dataset (including ConcatDataset members) at ``root``."""
+    def fix(d: dict) -> None:
+        if "data_root" in d and "type" in d:
+            d["data_root"] = root
+
+    if "data_root" in cfg:
+        cfg.data_root = root
+    for role in ("train", "val", "test"):
+        if cfg.get(f"{role}_dataloader") is not None:
+            _walk(cfg[f"{role}_dataloader"], fix)
+
+
+def world_size_of(launcher: str) -> int:
+    """Number of processes the launcher will start (before torch.distributed is initialised)."""
+    if launcher == "pytorch":
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if launcher == "slurm":
+        if "SLURM_NTASKS" not in os.environ:
+            raise RuntimeError("--launcher slurm outside a SLURM job step (SLURM_NTASKS is not set)")
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def build_config(args: SegArgs) -> Config:
+    """The effective config: file + overrides + launcher, batch split, norm, weights, data root, work dir."""
+    cfg = Config.fromfile(args.config)
+    if args.overrides:
+        cfg.merge_from_dict(parse_overrides(cfg, args.overrides))
+    world = world_size_of(args.launcher)
+    if args.gpus is not None and args.launcher != "none" and args.gpus != world:
+        raise ValueError(f"--gpus {args.gpus} but the {args.launcher} launcher starts {world} processes")
+    cuda = torch.cuda.is_available()
+    cfg.launcher = args.launcher
+    cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "nccl" if cuda else "gloo"
+    set_norm(cfg, use_syncbn=cuda and world > 1)
+
+    total = int(cfg.get("total_batch_size", cfg.train_dataloader.batch_size * world))
+    if total % world:
+        raise ValueError(f"total_batch_size {total} is not divisible by the {world} processes")
+    cfg.train_dataloader.batch_size = total // world
+    cfg.total_batch_size = total
+
+    if args.data_root:
+        set_data_root(cfg, args.data_root)
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
+
+    backbone = cfg.model.backbone
+    if args.eval_only:
+        backbone.init_cfg = None  # the fine-tuned checkpoint provides every weight
+        ckpt = args.checkpoint
+        if ckpt is None:
+            last = Path(cfg.work_dir) / "last_checkpoint"
+            if not last.is_file():
+                raise FileNotFoundError(f"--eval-only: no --checkpoint and no {last} to evaluate")
+            ckpt = last.read_text().strip()
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--eval-only: checkpoint {ckpt} not found")
+        cfg.load_from = ckpt
+        cfg.resume = False
+    else:
+        if args.weights is None:
+            raise ValueError("--weights is required for training (a converted backbone, or 'random' for the "
+                             "random-init baseline)")
+        if args.weights == "random":
+            backbone.init_cfg = None
+        else:
+            backbone.init_cfg = dict(type="Pretrained", checkpoint=str(Path(args.weights).resolve()))
+        cfg.resume = bool(args.resume)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- running
+
+def _relaunch_with_torchrun(argv: list[str], gpus: int) -> int:
+    """``--launcher none --gpus G``: start G local processes through torchrun (same code path as a cluster)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "transfer.segmentation",
+           *argv, "--launcher", "pytorch"]
+    return subprocess.call(cmd)
+
+
+def run(args: SegArgs) -> dict[str, Any]:
+    """Train (or evaluate) and return the last metrics record (also written to the work dir as JSON)."""
+    from mmengine.runner import Runner
+    from mmseg.utils import register_all_modules
+
+    from .hooks import MetricsJsonHook, VerifyBackboneHook
+
+    register_all_modules(init_default_scope=False)
+    cfg = build_config(args)
+    roles = ("test",) if args.eval_only else ("train", "val")
+    counts = check_layouts(cfg, roles)
+    weights = None
+    if not args.eval_only and args.weights != "random":
+        weights = str(Path(args.weights).resolve())
+        check_weights_fit_config(weights, cfg.model.backbone)  # stops before building anything heavy
+
+    runner = Runner.from_cfg(cfg)
+    info = {"config": str(args.config), "weights": weights if not args.eval_only else cfg.load_from,
+            "dataset": cfg[f"{roles[0]}_dataloader"]["dataset"]["type"], "images": counts,
+            "world_size": world_size_of(args.launcher), "total_batch_size": cfg.total_batch_size}
+    runner.register_hook(MetricsJsonHook(info), priority="LOW")
+    if weights is not None:
+        runner.register_hook(VerifyBackboneHook(weights), priority="VERY_HIGH")
+    work = Path(runner.work_dir)
+    if args.eval_only:
+        metrics = runner.test()
+        return json.loads((work / "test_metrics.json").read_text()) if (work / "test_metrics.json").is_file() \
+            else {"metrics": metrics}
+    runner.train()
+    path = work / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.launcher == "none" and args.gpus and args.gpus > 1:
+        return _relaunch_with_torchrun(argv, args.gpus)
+    record = run(args)
+    if record.get("metrics"):
+        print(json.dumps(record["metrics"]))
+    return 0
