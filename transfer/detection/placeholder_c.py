@@ -10,6 +10,21 @@ Run as ``python -m transfer.detection.placeholder_c > .../detectron2/_C.py``.
 
 PLACEHOLDER = '''"""Placeholder for Detectron2's compiled extension (written by the project's scripts/setup.sh)."""
 
+IS_PLACEHOLDER = True
+
+
+# detectron2.utils.collect_env (called by default_setup) reports these; answer instead of failing.
+def get_compiler_version():
+    return "none (pure-Python Detectron2, placeholder _C)"
+
+
+def get_cuda_version():
+    return "none (pure-Python Detectron2, placeholder _C)"
+
+
+def has_cuda():
+    return False
+
 
 def __getattr__(name):
     if name.startswith("__"):
