@@ -1,7 +1,8 @@
 """``python -m pretrain.eval TASK CKPT DATA [options]``: evaluate a pretraining checkpoint.
 
 TASK: ``unsup_seg`` (SlotCon Sec. 4.4), ``discovery`` (ARI-FG, Otsu mIoU), ``retrieval`` (Sec. 4.6).
-CKPT: a full training checkpoint (docs/contracts.md: ``model`` + ``config``).
+CKPT: a full training checkpoint (docs/contracts.md: ``model`` + ``config``), or a run directory
+(its newest good checkpoint).
 DATA: a toy-scenes root (has ``meta.json``) or a COCO-Stuff root (``images/``, ``annotations/``).
 
 Writes a JSON result (``--out``, default ``<ckpt dir>/eval/<task>.json``) and prints it.
@@ -9,7 +10,7 @@ Writes a JSON result (``--out``, default ``<ckpt dir>/eval/<task>.json``) and pr
 
 Examples::
 
-    python -m pretrain.eval unsup_seg runs/demo/checkpoints/last.pt data/toy_scenes --compare-random
+    python -m pretrain.eval unsup_seg runs/demo_cpu data/toy_scenes --compare-random
     python -m pretrain.eval unsup_seg ckpt.pt /data/cocostuff --resolution 320
     python -m pretrain.eval retrieval ckpt.pt /data/cocostuff --file-list "" --max-images 5000
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .inference import default_device, load_method
+from .inference import default_device, load_method, resolve_checkpoint
 
 TASKS = ("unsup_seg", "discovery", "retrieval")
 
@@ -107,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--random-init", action="store_true", help="evaluate the same network untrained")
     g.add_argument("--compare-random", action="store_true", help="evaluate trained and untrained")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random initialisation (default: the run's train.seed, i.e. its starting weights)")
     p.add_argument("--out", type=Path, default=None, help="JSON result (default <ckpt dir>/eval/<task>.json)")
     return p.parse_args(argv)
 
@@ -117,12 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.device_obj = torch.device(args.device) if args.device else default_device()
     kind = detect_dataset(args.data) if args.dataset == "auto" else args.dataset
     dataset = build_dataset(args.task, kind, args.data, args)
-    out = args.out or (args.checkpoint.parent / "eval" / f"{args.task}{'_random' if args.random_init else ''}.json")
+    # default output next to the run: <run>/eval for a run dir, <checkpoints dir>/eval for a file
+    ckpt_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    out = args.out or (ckpt_dir / "eval" / f"{args.task}{'_random' if args.random_init else ''}.json")
     out_dir = out.parent
     runs = [("random_init", True)] if args.random_init else [("pretrained", False)]
     if args.compare_random:
         runs.append(("random_init", True))
-    result: dict = {"task": args.task, "checkpoint": str(args.checkpoint), "data": str(args.data),
+    result: dict = {"task": args.task, "checkpoint": str(resolve_checkpoint(args.checkpoint)), "data": str(args.data),
                     "dataset": kind, "split": args.split, "num_images": len(dataset),
                     "resolution": getattr(dataset, "resolution", None)}
     for name, random_init in runs:

@@ -3,10 +3,12 @@ the teacher's ``assign`` (docs/contracts.md, Method API) on the right device."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -34,24 +36,44 @@ def model_config_from_dict(cfg: dict):
     return ModelConfig(**section)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest good one in a run directory / its ``checkpoints/`` folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        from ..engine.checkpoint import find_latest
+
+        for d in (path / "checkpoints", path):
+            found = find_latest(d)
+            if found is not None:
+                return found[0]
+        raise FileNotFoundError(f"no loadable checkpoint in {path} or {path / 'checkpoints'}")
+    raise FileNotFoundError(f"checkpoint {path} not found")
+
+
 def load_method(checkpoint: str | Path, device: torch.device | None = None, random_init: bool = False,
-                seed: int = 0) -> tuple[nn.Module, dict]:
+                seed: int | None = None) -> tuple[nn.Module, dict]:
     """Build the method named in a full training checkpoint and load its weights.
 
-    ``random_init=True`` builds the *same* network from the checkpoint's config but keeps its
-    random initialisation (seeded by ``seed``): the untrained baseline of the demo, whose
-    ``assign`` uses random prototypes. Returns ``(method in eval mode, config dict)``.
+    ``checkpoint`` may be a file or a run directory (newest checkpoint). ``random_init=True``
+    builds the *same* network from the checkpoint's config but keeps its random initialisation:
+    the untrained baseline of the demo, whose ``assign`` uses random prototypes. Its seed defaults
+    to the run's ``train.seed``, which (as the trainer seeds before building) reproduces the
+    weights the run started from. Returns ``(method in eval mode, config dict)``.
     """
     from ..methods import build_method
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    path = resolve_checkpoint(checkpoint)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise KeyError(f"{path} is not a full training checkpoint: needs 'model' and 'config' "
                        f"(an exported backbone has no prototypes to evaluate)")
     cfg = ckpt["config"]
+    if seed is None:
+        seed = int(cfg.get("train", {}).get("seed", 0))
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     method = build_method(model_config_from_dict(cfg))
     if not random_init:
