@@ -222,7 +222,10 @@ def run(args: argparse.Namespace) -> dict:
         if cfg.MODEL.WEIGHTS and not trainer.start_iter:
             logger.info("loaded %d backbone tensors from %s", len(trainer.checkpointer.loaded_backbone_keys),
                         cfg.MODEL.WEIGHTS)
-        results = trainer.train()
+        trainer.train()
+        # DefaultTrainer.train() returns the final evaluation only when EXPECTED_RESULTS is set;
+        # the EvalHook after the last iteration always stores it here.
+        results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process():
         path = write_metrics(cfg, results or {}, args)
         logger.info("final metrics written to %s", path)
