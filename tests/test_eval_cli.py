@@ -1,7 +1,7 @@
 """``python -m pretrain.eval`` end to end on a tiny SlotCon checkpoint (real config dict) and toy scenes;
 ``tools/visualize_slots.py`` on the same checkpoint; the overlay function's colours."""
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -83,12 +83,15 @@ def test_cli_rejects_exported_backbone(tiny, tmp_path):
         main(["unsup_seg", str(exported), str(toy), "--no-progress", "--device", "cpu"])
 
 
-def test_visualize_slots_tool(tiny, tmp_path):
+def test_visualize_slots_tool(tiny, tmp_path, monkeypatch):
     toy, _, ckpt = tiny
     imgs = sorted((toy / "val2017").glob("*.jpg"))[:2]
     out = tmp_path / "viz"
-    subprocess.run([sys.executable, str(ROOT / "tools/visualize_slots.py"), str(ckpt), *map(str, imgs),
-                    "--out", str(out), "--device", "cpu", "--size", "64"], check=True, cwd=ROOT)
+    # run as a script (as a user would), in this process to spare a second interpreter start
+    argv = [str(ROOT / "tools/visualize_slots.py"), str(ckpt), *map(str, imgs), "--out", str(out),
+            "--device", "cpu", "--size", "64"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(argv[0], run_name="__main__")
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == [f"{p.stem}_slots.png" for p in imgs]
 
