@@ -260,3 +260,23 @@ def test_ema_update_is_exact_and_teacher_frozen() -> None:
     ema_update_(teacher.parameters(), student.parameters(), 0.9)
     for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * s)
+
+
+def test_logits_and_pooling_stay_float32_under_autocast() -> None:
+    z, protos = torch.randn(2, 8, 3, 3), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = prototype_similarity(z.bfloat16(), protos)
+        slots = attentive_pool(z.bfloat16(), logits, 0.07)
+    assert logits.dtype == torch.float32 and slots.dtype == torch.float32
+    assert torch.allclose(logits, prototype_similarity(z.bfloat16().float(), protos), atol=1e-6)
+
+
+def test_single_query_with_plain_bn_gives_zero_not_error() -> None:
+    s, t, ms, mt = _slot_case()
+    only = torch.zeros_like(ms)
+    only[0, 0] = True
+    s.requires_grad_(True)
+    loss = slot_contrastive_loss(s, t, only, mt, Predictor(3, 8, 3), 0.2)
+    assert loss.item() == 0.0
+    loss.backward()  # still differentiable, zero gradient
+    assert s.grad.abs().sum() == 0

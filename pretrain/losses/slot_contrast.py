@@ -39,11 +39,22 @@ def slot_infonce(
     (Eq. 5). Negatives are all active teacher slots. Returns the float32 sum of the n losses.
     """
     keys_idx = teacher_mask_all.nonzero().squeeze(1)
-    keys = F.normalize(teacher_all.detach().float()[keys_idx], dim=1)
     # The position of each positive among the active keys.
     labels = teacher_mask_all.long().cumsum(0)[query_index] - 1
-    logits = F.normalize(pred.float(), dim=1) @ keys.t() / tau
-    return F.cross_entropy(logits, labels, reduction="sum")
+    with torch.autocast(pred.device.type, enabled=False):  # float32 logits and log-sum-exp
+        keys = F.normalize(teacher_all.detach().float()[keys_idx], dim=1)
+        logits = F.normalize(pred.float(), dim=1) @ keys.t() / tau
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _needs_two_samples(predictor: Callable[[Tensor], Tensor]) -> bool:
+    """Whether ``predictor`` holds non-synchronised BatchNorm in training mode (fails on one sample)."""
+    if not isinstance(predictor, torch.nn.Module):
+        return False
+    return any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm) and m.training
+        for m in predictor.modules()
+    )
 
 
 def slot_contrastive_loss(
@@ -79,9 +90,9 @@ def slot_contrastive_loss(
         gathered = (concat_all_gather(teacher_slots.detach().flatten(0, 1)), concat_all_gather(teacher_mask.flatten()))
     teacher_all, teacher_mask_all = gathered
     count = all_reduce_sum(torch.tensor(float(query.numel()), device=student_slots.device))
-    if query.numel() == 0:
-        # Nothing to contrast on this rank: a zero that still touches the student graph, so DDP
-        # sees every parameter used.
+    if query.numel() == 0 or (query.numel() == 1 and _needs_two_samples(predictor)):
+        # Nothing to contrast on this rank (or a single query that plain training-mode BN cannot
+        # normalise): a zero that still touches the student graph, so DDP sees every parameter used.
         zero = student_slots.sum() * 0.0
         if isinstance(predictor, torch.nn.Module):
             zero = zero + sum(p.sum() for p in predictor.parameters()) * 0.0

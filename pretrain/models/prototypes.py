@@ -18,9 +18,11 @@ def prototype_similarity(z: Tensor, prototypes: Tensor) -> Tensor:
     ``z``: ``(B, D, H, W)`` projections; ``prototypes``: ``(K, D)``. Normalisation and the product
     run in float32 so that the later softmax at small temperatures (0.07) is exact under autocast.
     """
-    zn = F.normalize(z.float(), dim=1)
-    sn = F.normalize(prototypes.float(), dim=1)
-    return torch.einsum("bdhw,kd->bkhw", zn, sn)
+    # autocast would run the einsum's bmm in half precision despite the .float() casts.
+    with torch.autocast(z.device.type, enabled=False):
+        zn = F.normalize(z.float(), dim=1)
+        sn = F.normalize(prototypes.float(), dim=1)
+        return torch.einsum("bdhw,kd->bkhw", zn, sn)
 
 
 def attentive_pool(z: Tensor, logits: Tensor, tau: float, eps: float = 1e-6) -> Tensor:
@@ -30,9 +32,10 @@ def attentive_pool(z: Tensor, logits: Tensor, tau: float, eps: float = 1e-6) -> 
     normalisation over pixels, and uses τt for student and teacher alike); ``z`` is the
     *un-normalised* projection ``(B, D, H, W)``. Returns ``(B, K, D)`` in float32.
     """
-    attn = torch.softmax(logits.float() / tau, dim=1) + eps
-    attn = attn / attn.sum(dim=(2, 3), keepdim=True)
-    return torch.einsum("bdhw,bkhw->bkd", z.float(), attn)
+    with torch.autocast(z.device.type, enabled=False):
+        attn = torch.softmax(logits.float() / tau, dim=1) + eps
+        attn = attn / attn.sum(dim=(2, 3), keepdim=True)
+        return torch.einsum("bdhw,bkhw->bkd", z.float(), attn)
 
 
 class SemanticGrouping(nn.Module):
