@@ -133,3 +133,12 @@ def test_pool_segments_means():
     pooled, img, grp = pool_segments(feats, labels)
     assert img.tolist() == [0, 0, 1] and grp.tolist() == [0, 1, 2]
     assert pooled[0].tolist() == [0.5, 4.5] and pooled[2].tolist() == [9.5, 13.5]
+
+
+def test_hard_labels_chunked_equals_full_upsampling():
+    from pretrain.eval.visualize import hard_labels
+
+    a = torch.randn(2, 150, 5, 7, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(a, size=(33, 41), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(hard_labels(a, (33, 41), chunk=16), ref)
+    assert torch.equal(hard_labels(a, (33, 41), chunk=150), ref)

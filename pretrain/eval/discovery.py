@@ -48,10 +48,10 @@ def evaluate_discovery(method: nn.Module, dataset: Dataset, *, batch_size: int =
     for batch in iterate_batches(make_loader(dataset, batch_size, num_workers, device), "discovery", progress):
         a = assign_batch(method, batch["image"], device, amp)
         inst = batch["label"]
-        maps = F.interpolate(a, size=tuple(inst.shape[-2:]), mode="bilinear", align_corners=False)
-        pred = maps.argmax(dim=1)
-        aris.extend(ari_fg(inst, pred.cpu(), background))
-        for m, p, t in zip(maps, pred, inst):
+        for ai, t in zip(a, inst):  # one image at a time: K full-resolution maps per image at most
+            m = F.interpolate(ai[None], size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            p = m.argmax(dim=0)
+            aris.extend(ari_fg(t[None], p[None].cpu(), background))
             cand = m[torch.unique(p)] if active_only else m
             ious.append(matched_iou(otsu_binarize(cand), t, background))
     skipped = sum(math.isnan(x) for x in aris)

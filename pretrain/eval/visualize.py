@@ -42,18 +42,31 @@ def palette(k: int, device: torch.device | None = None) -> Tensor:
     return torch.tensor(cols, dtype=torch.float32, device=device)
 
 
-def hard_labels(assign: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+def hard_labels(assign: Tensor, size: tuple[int, int] | None = None, chunk: int = 64) -> Tensor:
     """Per-pixel argmax over the K groups of a soft assignment ``(B,K,h,w)`` -> ``(B,H,W)`` int64.
 
     The soft map is bilinearly upsampled *before* the argmax (as in SlotCon's unsupervised
     segmentation at 320 px), which gives smoother boundaries than nearest-upsampling labels.
+    Groups are upsampled ``chunk`` at a time with a running maximum, so K=2048 prototypes at
+    320 px never materialise a ``(B,K,320,320)`` tensor.
     """
     if assign.dim() != 4:
         raise ValueError(f"expected an assignment of shape (B,K,h,w), got {tuple(assign.shape)}")
     a = assign.float()
-    if size is not None and tuple(a.shape[-2:]) != tuple(size):
-        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-    return a.argmax(dim=1)
+    if size is None or tuple(a.shape[-2:]) == tuple(size):
+        return a.argmax(dim=1)
+    best_val = best_idx = None
+    for start in range(0, a.shape[1], chunk):
+        up = F.interpolate(a[:, start:start + chunk], size=size, mode="bilinear", align_corners=False)
+        val, idx = up.max(dim=1)
+        idx = idx + start
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val  # strict: ties keep the lower index, as argmax does
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx
 
 
 def colorize(labels: Tensor, k: int) -> Tensor:
