@@ -60,19 +60,32 @@ def _install_mmcv_ops_placeholder() -> None:
 
 def _allow_mmengine_checkpoints_under_weights_only() -> None:
     # torch >= 2.6 loads with weights_only=True by default, and mmengine's own checkpoints (resume,
-    # load_from, --eval-only) pickle its MessageHub's HistoryBuffer and numpy scalars in 'message_hub'
-    # and 'meta'. Allow-listing exactly those types keeps weights_only's safety instead of turning it off.
+    # load_from, --eval-only) hold its MessageHub's HistoryBuffers, numpy arrays/scalars and the
+    # scheduler's Counter. Allow-listing exactly those types keeps weights_only's safety instead of
+    # turning it off for every file.
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is None:  # older torch: weights_only was not the default, nothing to do
         return
+    import collections
+
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    safe: list = [HistoryBuffer, np.dtype, np.ndarray, np.core.multiarray._reconstruct if hasattr(np, "core") else None]
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8")]
-    scalar = getattr(np, "_core", np.core).multiarray.scalar
-    safe.append(scalar)
-    add([s for s in safe if s is not None])
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    safe: list = [HistoryBuffer, collections.Counter, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    add(safe)
+
+    # HistoryBuffer.__getstate__ also pickles its statistics functions (min/max/mean/current), as
+    # getattr(HistoryBuffer, name): allowing builtins.getattr would void weights_only. Those functions
+    # live in a class-level registry that is rebuilt on import (__setstate__ re-adds the defaults),
+    # so checkpoints are written without them.
+    if not getattr(HistoryBuffer, "_objcentric_weights_only_state", False):
+        def __getstate__(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if k != "statistics_methods"}
+
+        HistoryBuffer.__getstate__ = __getstate__
+        HistoryBuffer._objcentric_weights_only_state = True
 
 
 def _quiet_expected_mmcv_lite_warning() -> None:

@@ -21,10 +21,16 @@ from . import compat  # noqa: F401  (must precede mmseg imports)
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
+from transfer.checkpoint_io import CheckpointError  # noqa: E402
+
 from .layout import check_layouts  # noqa: E402
 from .weights import check_weights_fit_config  # noqa: E402
 
 LAUNCHERS = ("none", "pytorch", "slurm")
+
+
+class SetupError(RuntimeError):
+    """The run cannot start: bad override, missing dataset files, weights that do not fit; the message says which."""
 
 
 @dataclass
@@ -73,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> SegArgs:
 # ----------------------------------------------------------------------------- config editing
 
 def _lookup(cfg: Any, dotted: str) -> tuple[bool, Any]:
-    node = cfg
+    node = cfg._cfg_dict if isinstance(cfg, Config) else cfg
     for part in dotted.split("."):
         if isinstance(node, dict) and part in node:
             node = node[part]
@@ -234,13 +240,17 @@ def run(args: SegArgs) -> dict[str, Any]:
     from .hooks import MetricsJsonHook, VerifyBackboneHook
 
     register_all_modules(init_default_scope=False)
-    cfg = build_config(args)
     roles = ("test",) if args.eval_only else ("train", "val")
-    counts = check_layouts(cfg, roles)
     weights = None
-    if not args.eval_only and args.weights != "random":
-        weights = str(Path(args.weights).resolve())
-        check_weights_fit_config(weights, cfg.model.backbone)  # stops before building anything heavy
+    try:
+        cfg = build_config(args)
+        counts = check_layouts(cfg, roles)
+        if not args.eval_only and args.weights != "random":
+            weights = str(Path(args.weights).resolve())
+            check_weights_fit_config(weights, cfg.model.backbone)  # stops before building anything heavy
+    except (KeyError, TypeError, ValueError, OSError, CheckpointError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise SetupError(msg) from exc
 
     runner = Runner.from_cfg(cfg)
     info = {"config": str(args.config), "weights": weights if not args.eval_only else cfg.load_from,
@@ -264,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.launcher == "none" and args.gpus and args.gpus > 1:
         return _relaunch_with_torchrun(argv, args.gpus)
-    record = run(args)
+    try:
+        record = run(args)
+    except SetupError as exc:
+        print(f"python -m transfer.segmentation: error: {exc}", file=sys.stderr)
+        return 2
     if record.get("metrics"):
         print(json.dumps(record["metrics"]))
     return 0
