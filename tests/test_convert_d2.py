@@ -155,6 +155,7 @@ def _d2_model(depth: int):
 
     cfg = get_cfg()
     cfg.merge_from_file(str(SMOKE_CFG))
+    cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
     return build_model(cfg)

@@ -79,6 +79,7 @@ def tiny_coco(tmp_path_factory):
 def r50_cfg(names: dict[str, str]):
     cfg = get_cfg()
     cfg.merge_from_file(str(SMOKE_CFG))
+    cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 50
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CATEGORIES)

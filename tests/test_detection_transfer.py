@@ -1,0 +1,136 @@
+"""``python -m transfer.detection``: protocol config, refusals, and an end-to-end toy run.
+
+The end-to-end run converts a checkpoint of the project's own method, fine-tunes Mask R-CNN for a
+few iterations on the toy scenes and evaluates with pycocotools.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import transfer.detection.compat  # noqa: F401
+from pretrain.data.toy_scenes import make_toy_scenes
+from tests.test_convert_d2 import make_method_checkpoint
+from tools.convert_to_d2 import main as convert_main
+from transfer.detection.train import BackboneWeightsError, build_parser, main, setup_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOL = REPO / "configs/detection/mask_rcnn_R50_FPN_1x_syncbn.yaml"
+SMOKE = REPO / "configs/detection/mask_rcnn_FPN_smoke_cpu.yaml"
+TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    return make_toy_scenes(tmp_path_factory.mktemp("toy") / "toy", n_train=4, n_val=2, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def r18_pkl(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    d = tmp_path_factory.mktemp("w")
+    teacher = make_method_checkpoint(d / "ckpt.pth", "resnet18")
+    assert convert_main([str(d / "ckpt.pth"), str(d / "r18.pkl")]) == 0
+    return d / "r18.pkl", teacher
+
+
+def test_protocol_config_and_syncbn_fallback(tmp_path):
+    from detectron2.config import get_cfg
+
+    raw = get_cfg()
+    raw.merge_from_file(str(PROTOCOL))
+    m = raw.MODEL
+    assert (m.RESNETS.NORM, m.FPN.NORM, m.ROI_BOX_HEAD.NORM, m.ROI_MASK_HEAD.NORM) == ("SyncBN",) * 4
+    assert m.BACKBONE.FREEZE_AT == 0 and m.RESNETS.STRIDE_IN_1X1 is False and m.RESNETS.DEPTH == 50
+    assert (m.ROI_BOX_HEAD.NUM_CONV, m.ROI_BOX_HEAD.NUM_FC, m.ROI_MASK_HEAD.NUM_CONV) == (4, 1, 4)
+    assert m.PIXEL_MEAN == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
+    assert m.PIXEL_STD == pytest.approx([0.229 * 255, 0.224 * 255, 0.225 * 255])
+    assert raw.INPUT.FORMAT == "RGB" and raw.TEST.PRECISE_BN.ENABLED
+    s = raw.SOLVER
+    assert (s.MAX_ITER, tuple(s.STEPS), s.IMS_PER_BATCH, s.BASE_LR) == (90000, (60000, 80000), 16, 0.02)
+
+    args = build_parser().parse_args(["--config", str(PROTOCOL), "--weights", "w.pkl",
+                                      "--output-dir", str(tmp_path), "SOLVER.BASE_LR", "0.01"])
+    cfg = setup_cfg(args)
+    if not torch.cuda.is_available():
+        assert cfg.MODEL.DEVICE == "cpu"
+    # one process (and/or CPU): SyncBN cannot run, plain BN everywhere it was requested
+    assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM) == ("BN",) * 3
+    assert cfg.SOLVER.BASE_LR == 0.01 and cfg.MODEL.WEIGHTS == "w.pkl" and cfg.OUTPUT_DIR == str(tmp_path)
+
+
+def test_refuses_missing_inputs(tmp_path, capsys):
+    assert main(["--config", str(SMOKE), "--weights", str(tmp_path / "none.pkl"),
+                 "--data-root", str(tmp_path / "coco")]) == 2
+    err = capsys.readouterr().err
+    assert "weights not found" in err and "none.pkl" in err
+    assert "instances_train2017.json" in err and "instances_val2017.json" in err and "train2017" in err
+
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "instances_train2017.json").write_text("{}")
+    (tmp_path / "coco" / "train2017").mkdir()
+    assert main(["--config", str(SMOKE), "--weights", "scratch", "--data-root", str(tmp_path / "coco")]) == 2
+    err = capsys.readouterr().err
+    assert "val2017" in err and "instances_train2017.json," not in err  # only what is missing is named
+
+
+def test_wrong_class_count_refused(toy_root, r18_pkl, tmp_path):
+    with pytest.raises(ValueError, match="has 5 categories.*MODEL.ROI_HEADS.NUM_CLASSES 5"):
+        main(["--config", str(SMOKE), "--weights", str(r18_pkl[0]), "--data-root", str(toy_root),
+              "--output-dir", str(tmp_path), "MODEL.ROI_HEADS.NUM_CLASSES", "80", *TINY])
+
+
+def test_depth_mismatch_stops_before_training(toy_root, r18_pkl, tmp_path):
+    with pytest.raises(BackboneWeightsError, match="randomly initialised"):
+        main(["--config", str(SMOKE), "--weights", str(r18_pkl[0]), "--data-root", str(toy_root),
+              "--output-dir", str(tmp_path), "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+              *TINY])
+    assert not (tmp_path / "model_final.pth").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_toy_finetune_and_eval(toy_root, r18_pkl, tmp_path):
+    torch.manual_seed(0)
+    pkl, _ = r18_pkl
+    out = tmp_path / "run"
+    common = ["--config", str(SMOKE), "--data-root", str(toy_root)]
+    assert main([*common, "--weights", str(pkl), "--output-dir", str(out), "SOLVER.MAX_ITER", "3",
+                 "SOLVER.STEPS", "(2,)", *TINY]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for task in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AP75"):
+            v = metrics[task][key]
+            assert isinstance(v, float) and 0.0 <= v <= 100.0 and math.isfinite(v)
+    assert metrics["max_iter"] == 3 and metrics["weights"] == str(pkl) and metrics["eval_only"] is False
+    train_log = [json.loads(line) for line in (out / "train_metrics.json").read_text().splitlines()]
+    last = [r for r in train_log if "total_loss" in r][-1]
+    assert last["iteration"] == 2 and math.isfinite(last["total_loss"])
+    assert (out / "config.yaml").is_file() and (out / "model_final.pth").is_file()
+    assert (out / "inference" / "coco_instances_results.json").is_file()
+
+    # the saved detector (precise-BN statistics included) evaluates to exactly the same numbers
+    ev = tmp_path / "eval"
+    assert main([*common, "--weights", str(out / "model_final.pth"), "--output-dir", str(ev), "--eval-only",
+                 *TINY]) == 0
+    again = json.loads((ev / "metrics.json").read_text())
+    assert again["eval_only"] is True
+    assert again["bbox"] == metrics["bbox"] and again["segm"] == metrics["segm"]
+
+    # evaluating a bare backbone would measure random heads: refused
+    with pytest.raises(BackboneWeightsError, match="model tensors"):
+        main([*common, "--weights", str(pkl), "--output-dir", str(tmp_path / "bad"), "--eval-only", *TINY])
+
+
+def test_parser_accepts_distributed_flags():
+    args = build_parser().parse_args(["--config", "c.yaml", "--weights", "w.pkl", "--num-gpus", "8",
+                                      "--num-machines", "2", "--machine-rank", "1", "--dist-url",
+                                      "tcp://node0:29500", "--resume", "SOLVER.MAX_ITER", "10"])
+    assert (args.num_gpus, args.num_machines, args.machine_rank, args.resume) == (8, 2, 1, True)
+    assert args.dist_url == "tcp://node0:29500" and args.opts == ["SOLVER.MAX_ITER", "10"]
+    assert isinstance(args, argparse.Namespace)
