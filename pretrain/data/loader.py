@@ -3,7 +3,7 @@ accounting, and the switch between the PIL path and the FFCV path (``data.loader
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -68,8 +68,8 @@ def _worker_init(_: int) -> None:
 class BadImageTracker:
     """Counts decode failures and stops the run when too many distinct files are undecodable."""
 
-    def __init__(self, files: list[Path], max_bad_fraction: float, per_rank: int):
-        self.files, self.max_bad_fraction, self.per_rank = files, max_bad_fraction, per_rank
+    def __init__(self, n: int, name: Callable[[int], str], max_bad_fraction: float, per_rank: int):
+        self.n, self.name, self.max_bad_fraction, self.per_rank = n, name, max_bad_fraction, per_rank
         self.bad_images = 0
         self.bad_files: set[int] = set()
 
@@ -78,12 +78,12 @@ class BadImageTracker:
         if s == 0:
             return
         self.bad_images += s
-        n = len(self.files)
+        n = self.n
         # a sample with `skipped = k` and source index u had u-1, ..., u-k fail
         for u, k in zip(index.tolist(), skipped.tolist()):
             self.bad_files.update((u - d) % n for d in range(1, k + 1))
         if len(self.bad_files) > self.max_bad_fraction * self.per_rank:
-            examples = ", ".join(str(self.files[i]) for i in sorted(self.bad_files)[:5])
+            examples = ", ".join(self.name(i) for i in sorted(self.bad_files)[:5])
             raise RuntimeError(
                 f"{len(self.bad_files)} undecodable images among the {self.per_rank} of this rank exceed "
                 f"data.max_bad_fraction={self.max_bad_fraction}; e.g. {examples}")
@@ -99,7 +99,7 @@ class PretrainLoader:
         self.dataset = TwoViewDataset(self.files, cfg, seed)
         self.order = EpochOrder(len(self.files), batch_size, rank, world_size, seed, drop_last)
         self.sampler = _BatchSampler(self.order)
-        self.tracker = BadImageTracker(self.files, cfg.max_bad_fraction, self.order.num_samples)
+        self.tracker = BadImageTracker(len(self.files), lambda i: str(self.files[i]), cfg.max_bad_fraction, self.order.num_samples)
         nw = int(cfg.num_workers)
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=nw,

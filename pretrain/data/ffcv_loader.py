@@ -1,0 +1,258 @@
+"""FFCV two-view loader: the same batches as the PIL path (docs/contracts.md), from a ``.beton``.
+
+How it works (DESIGN.md, FFCV facts):
+
+- :class:`TwoViewCropDecoder` subclasses FFCV's ``RandomResizedCropRGBImageDecoder``. It decodes
+  each JPEG **once** and cuts both views from it, drawing the crop pair with the same jitted
+  sampler as the PIL path (pretrain/data/crops.py, overlap rule included), seeded by
+  ``(seed, epoch, index)``. Besides the ``(B, 2, S, S, 3)`` crops it writes the pair
+  ``[i1, j1, h1, w1, flip1, i2, j2, h2, w2, flip2]`` of each sample into an extra
+  ``AllocationQuery`` and returns ``(crops, pairs)``; two tiny jitted ops split that tuple, the
+  pair branch hanging off the same decoder through ``PipelineSpec(source=decoder)``. Decoding
+  once instead of running one decoder per view halves the JPEG work, the dominant cost.
+- The epoch reaches the jitted decoder through a small array read by address (numba freezes
+  captured arrays at compile time), so nothing is recompiled per epoch.
+- Flips, the BYOL photometric augmentations and normalisation run batch-wise with torch on
+  ``device`` (pretrain/data/photometric.py, the PIL path's implementation).
+- Order: this project's :class:`~pretrain.data.loader.EpochOrder` (DistributedSampler semantics,
+  ``iter_from``) replaces FFCV's traversal order.
+
+FFCV's ``num_workers`` are numba threads; the first epoch compiles. FFCV resizes with OpenCV's
+INTER_AREA (its C++ resize has no other mode), not bicubic as the PIL path does.
+"""
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.fields.basics import IntDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import DataConfig
+from .crops import N_PAIR, intersection_boxes, sample_crop_pair, sample_key
+from .loader import BadImageTracker, EpochOrder
+from .two_view import RATIO, finish_views
+
+
+@intrinsic
+def _as_voidptr(typingctx, addr):
+    """int64 address -> void* (to read a live numpy array from jitted code)."""
+    sig = types.voidptr(addr)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
+    """Decodes once, returns ``(crops (B,2,S,S,3) uint8, pairs (B,10) int64)``."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        s = cfg.image_size
+        super().__init__((s, s), scale=(cfg.min_scale, cfg.max_scale), ratio=RATIO)
+        self.min_overlap, self.flip_p, self.seed = float(cfg.min_overlap), float(cfg.flip_p), int(seed)
+        self.epoch_state = np.zeros(1, dtype=np.int64)  # read by address from the jitted decoder
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch_state[0] = epoch
+
+    def declare_state_and_memory(self, previous_state: State):
+        widths, heights = self.metadata["width"], self.metadata["height"]
+        self.max_width, self.max_height = np.uint64(widths.max()), np.uint64(heights.max())
+        s0, s1 = self.output_size
+        crops = (2, s0, s1, 3)
+        u1 = np.dtype("<u1")
+        return (
+            replace(previous_state, jit_mode=True, shape=crops, dtype=u1),
+            (AllocationQuery(crops, u1),
+             AllocationQuery((self.max_height * self.max_width * np.uint64(3),), u1),
+             AllocationQuery((N_PAIR,), np.dtype("<i8"))),
+        )
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        pair_c = sample_crop_pair  # already jitted (shared with the PIL path)
+        key_c = sample_key
+        s0, s1 = float(self.scale[0]), float(self.scale[1])
+        r0, r1 = float(self.ratio[0]), float(self.ratio[1])
+        min_overlap, flip_p, seed = self.min_overlap, self.flip_p, self.seed
+        epoch_addr = self.epoch_state.ctypes.data
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, pairs = my_storage
+            epoch = numba.carray(_as_voidptr(epoch_addr), (1,), np.int64)[0]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                p = pairs[dst_ix]
+                pair_c(key_c(seed, epoch, np.int64(source_ix), 0), np.int64(height), np.int64(width),
+                       s0, s1, r0, r1, min_overlap, flip_p, p)
+                resize_crop_c(temp_buffer, p[0], p[0] + p[2], p[1], p[1] + p[3], destination[dst_ix, 0])
+                resize_crop_c(temp_buffer, p[5], p[5] + p[7], p[6], p[6] + p[8], destination[dst_ix, 1])
+            n = len(batch_indices)
+            return destination[:n], pairs[:n]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _Take(Operation):
+    """Jitted op selecting element ``k`` of the decoder's ``(crops, pairs)`` tuple."""
+
+    def __init__(self, k: int, shape: tuple[int, ...], dtype: np.dtype):
+        super().__init__()
+        self.k, self.shape, self.dtype = k, shape, dtype
+
+    def declare_state_and_memory(self, previous_state: State):
+        return replace(previous_state, jit_mode=True, shape=self.shape, dtype=self.dtype), None
+
+    def generate_code(self):
+        k = self.k
+
+        def take(inp, _dst):
+            return inp[k]
+
+        return take
+
+
+class _Order:
+    """Stands in for FFCV's traversal order: this rank's indices for one epoch, from a step."""
+
+    def __init__(self, order: EpochOrder):
+        self.order, self.epoch, self.start = order, 0, 0
+
+    def sample_order(self, _ffcv_epoch: int) -> np.ndarray:
+        flat = [i for b in self.order.batches(self.epoch, self.start) for i in b]
+        return np.asarray(flat, dtype=np.uint64)
+
+
+class FFCVPretrainLoader:
+    """FFCV two-view loader with the interface of :class:`~pretrain.data.loader.PretrainLoader`;
+    batches are on ``device``."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, *, rank: int, world_size: int, seed: int,
+                 device: torch.device, drop_last: bool = True):
+        path = Path(cfg.ffcv_path)
+        if not cfg.ffcv_path or not path.is_file():
+            raise FileNotFoundError(f"data.ffcv_path={cfg.ffcv_path!r} is not a file: write one with "
+                                    f"`python tools/make_ffcv.py --dataset {cfg.dataset} --root {cfg.root} OUT.beton`")
+        self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
+        self.decoder = TwoViewCropDecoder(cfg, seed)
+        s = cfg.image_size
+        crops_op = _Take(0, (2, s, s, 3), np.dtype("<u1"))
+        pairs_op = _Take(1, (N_PAIR,), np.dtype("<i8"))
+        self.loader = Loader(
+            str(path), batch_size=batch_size, num_workers=max(1, int(cfg.num_workers)),
+            order=OrderOption.SEQUENTIAL, drop_last=drop_last, os_cache=True, batches_ahead=3,
+            pipelines={
+                "image": PipelineSpec("image", decoder=self.decoder, transforms=[crops_op]),
+                "pairs": PipelineSpec(self.decoder, transforms=[pairs_op]),
+                "index": [IntDecoder()],
+                "skipped": [IntDecoder()],
+            },
+        )
+        n = self.loader.reader.num_samples
+        self.num_images = n
+        self.order = EpochOrder(n, batch_size, rank, world_size, seed, drop_last)
+        self.traversal = _Order(self.order)
+        self.loader.traversal_order = self.traversal
+        self.tracker = BadImageTracker(n, lambda i: f"{path} sample {i}", cfg.max_bad_fraction,
+                                       self.order.num_samples)
+        self._outputs = list(self.loader.pipeline_specs)  # FFCV's output order
+        self.epoch = 0
+        self._live = None
+
+    @property
+    def bad_images(self) -> int:
+        return self.tracker.bad_images
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _stop_live(self) -> None:
+        """Stop an abandoned epoch's decoding thread before the next one starts (both would
+        drive the same numba thread pool and read the same epoch cell)."""
+        it, self._live = self._live, None
+        if it is None:
+            return
+        it.close()
+        while it.is_alive():
+            try:
+                it.output_queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+    def _batch(self, crops, pairs, index, skipped) -> dict[str, torch.Tensor]:
+        dev = self.device
+        index = torch.from_numpy(np.asarray(index).reshape(-1).copy())
+        skipped = torch.from_numpy(np.asarray(skipped).reshape(-1).copy())
+        pairs = np.asarray(pairs).copy()
+        requested = ((index - skipped) % self.num_images).tolist()
+        raw = torch.from_numpy(np.asarray(crops)).to(dev, non_blocking=True)  # (B,2,S,S,3) uint8
+        raw = raw.permute(0, 1, 4, 2, 3)
+        flips = torch.from_numpy(pairs[:, [4, 9]] > 0)
+        out = {}
+        for v in (0, 1):
+            x = raw[:, v]
+            f = flips[:, v].to(dev).view(-1, 1, 1, 1)
+            x = torch.where(f, x.flip(-1), x).contiguous()
+            out[f"view{v + 1}"] = finish_views(x, self.cfg, self.seed, self.epoch, requested, v)
+        b1, b2 = intersection_boxes(pairs)
+        out.update({
+            "box1": torch.from_numpy(b1).to(dev), "box2": torch.from_numpy(b2).to(dev),
+            "flip1": flips[:, 0].to(dev), "flip2": flips[:, 1].to(dev),
+            "skipped": skipped.to(dev), "index": index.to(dev),
+        })
+        return out
+
+    def iter_from(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Iterate the current epoch from batch ``step`` on (exact resume inside an epoch)."""
+        self._stop_live()
+        self.decoder.set_epoch(self.epoch)
+        self.traversal.epoch, self.traversal.start = self.epoch, int(step)
+        it = iter(self.loader)
+        self._live = it
+        try:
+            for result in it:
+                r = dict(zip(self._outputs, result))
+                batch = self._batch(r["image"], r["pairs"], r["index"], r["skipped"])
+                self.tracker.update(batch["index"].cpu(), batch["skipped"].cpu())
+                yield batch
+        finally:
+            if self._live is it:
+                self._stop_live()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iter_from(0)
