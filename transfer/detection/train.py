@@ -77,7 +77,8 @@ class StrictBackboneCheckpointer(DetectionCheckpointer):
                 f"the weights leave {len(missing) + len(bad)} {what} tensors randomly initialised; refusing to "
                 f"train/evaluate. Missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}; wrong shape: {bad[:4]}. "
                 "Check that MODEL.RESNETS.DEPTH (and RES2_OUT_CHANNELS=64 for ResNet-18/34) match the "
-                "converted checkpoint (tools/convert_to_d2.py prints its depth)."
+                "converted checkpoint (tools/convert_to_d2.py prints its depth), and that a pretraining "
+                "checkpoint was converted with tools/convert_to_d2.py first."
             )
         self.loaded_backbone_keys = sorted(
             k for k in self.model.state_dict() if k.startswith(self._backbone_prefix())
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         coco_paths(args.data_root)
     except FileNotFoundError as exc:
         problems.append(str(exc))
+    if args.num_machines > 1 and args.dist_url == "auto":
+        problems.append("--num-machines > 1 needs --dist-url tcp://<machine 0 host>:<port>")
     if args.num_gpus > 1 and not torch.cuda.is_available():
         problems.append(f"--num-gpus {args.num_gpus} needs CUDA (Detectron2's launch uses NCCL); use --num-gpus 1 on CPU")
     if problems:
