@@ -137,7 +137,7 @@ def retrieve_segments(method: nn.Module, dataset: Dataset, *, topk: int = 5, bat
 
 
 def _tile(dataset: Dataset, result: RetrievalResult, seg: int, tint: tuple[float, float, float]) -> Tensor:
-    """One image with its segment tinted (reddish by default) and the rest dimmed."""
+    """One image with its segment tinted (reddish by default) and outlined, the rest dimmed."""
     di, g = int(result.seg_image[seg]), int(result.seg_group[seg])
     load = getattr(dataset, "load_image", None)
     image = load(di) if callable(load) else dataset[di]["image"]
@@ -146,7 +146,10 @@ def _tile(dataset: Dataset, result: RetrievalResult, seg: int, tint: tuple[float
     # Bilinear then 0.5: smooth segment outlines instead of feature-resolution blocks.
     mask = (F.interpolate(mask, size=img.shape[-2:], mode="bilinear", align_corners=False) > 0.5)[0].float()
     color = torch.tensor(tint).view(3, 1, 1)
-    return torch.where(mask > 0, 0.45 * img + 0.55 * color, 0.6 * img)
+    out = torch.where(mask > 0, 0.45 * img + 0.55 * color, 0.5 * img)
+    # white outline: the tint alone can be confused with red content of the image
+    edge = (F.max_pool2d(mask[None], 3, 1, 1)[0] - mask) > 0
+    return torch.where(edge, torch.ones_like(out), out)
 
 
 def save_retrieval_grids(result: RetrievalResult, dataset: Dataset, out_dir: str | Path,
