@@ -8,6 +8,7 @@ from .registry import GROUPINGS, METHODS, build_grouping, build_method, register
 
 # Importing a method module registers it.
 from . import slotcon  # noqa: E402,F401  isort: skip
+from . import groupings, objglobal  # noqa: E402,F401  isort: skip  (issue 9: object-centric family)
 
 __all__ = [
     "ModelConfig", "METHODS", "GROUPINGS", "build_method", "build_grouping", "register_method", "register_grouping",

@@ -20,3 +20,13 @@ class ModelConfig:
     lambda_g: float = 0.5  # weight of the grouping loss (Eq. 8)
     zero_init_residual: bool = False  # torchvision option: zero the last BN gamma of each block
     pool_eps: float = 1e-6  # added to the assignment softmax before pooling (Eq. 4, recipe)
+    # Object-centric family (issue 9): grouping modules and the object/global method (paper 000).
+    # The number of slots is num_prototypes (SlotCon's K) for every grouping module.
+    slot_iters: int = 3  # Slot Attention iterations T (paper 003); BO-QSA: T detached + 1 (paper 001)
+    slot_eps: float = 1e-8  # attention offset before the weighted mean (paper 003, Table 10a)
+    slot_pos_embed: bool = True  # soft position embedding of the feature grid (paper 003, Sec. 5.2)
+    object_loss: str = "ctr_img"  # ctr_all | ctr_img | cossim (paper 000, Eq. 2-3)
+    tau_obj: float = 0.1  # temperature of the object loss (Eq. 2)
+    tau_global: float = 0.1  # temperature of the global loss (Eq. 1)
+    lambda_obj: float = 1.0  # weight of the object loss
+    lambda_global: float = 1.0  # weight of the global loss

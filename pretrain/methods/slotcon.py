@@ -12,6 +12,7 @@ from ..losses.gather import concat_all_gather
 from ..losses.grouping import assignment_entropy, inverse_augment, self_distillation_loss, updated_center
 from ..losses.slot_contrast import active_mask, slot_contrastive_loss
 from ..models.encoder import build_encoder
+from ..models.grouping import resample_shared_noise
 from ..models.heads import Predictor, Projector
 from ..models.teacher import ema_update_, make_teacher
 from .config import ModelConfig
@@ -88,6 +89,8 @@ class SlotCon(nn.Module):
         boxes = torch.cat([batch["box1"], batch["box2"]]).to(dev, non_blocking=True)
         flips = torch.cat([batch["flip1"], batch["flip2"]]).to(dev, non_blocking=True)
 
+        if self.training:  # a stochastic grouping module (Slot Attention) draws one init per step
+            resample_shared_noise(self.prototypes, self.teacher_prototypes)
         # One pass per view through each network: BN statistics are per view (recipe). Grouping,
         # alignment and losses have no BN, so both views are concatenated from there on.
         z = torch.cat([self.projector(self.encoder(v1)), self.projector(self.encoder(v2))])
