@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--overview", type=int, default=16, help="retrieval: prototypes in overview.png")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--no-amp", action="store_true")
@@ -117,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.device_obj = torch.device(args.device) if args.device else default_device()
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1) if args.device_obj.type == "cuda" else 0
     kind = detect_dataset(args.data) if args.dataset == "auto" else args.dataset
     dataset = build_dataset(args.task, kind, args.data, args)
     # default output next to the run: <run>/eval for a run dir, <checkpoints dir>/eval for a file
