@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ import transfer.detection.compat  # noqa: F401
 from pretrain.data.toy_scenes import make_toy_scenes
 from tests.test_convert_d2 import make_method_checkpoint
 from tools.convert_to_d2 import main as convert_main
+from transfer.detection.convert import rename_key
 from transfer.detection.train import BackboneWeightsError, build_parser, main, setup_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +34,50 @@ def toy_root(tmp_path_factory) -> Path:
     return make_toy_scenes(tmp_path_factory.mktemp("toy") / "toy", n_train=4, n_val=2, size=64, seed=0)
 
 
+def _pretrain_overrides(toy_root: Path, run_dir: Path) -> list[str]:
+    """The project's own SlotCon pretraining at toy size: ResNet-18, 64 px, two steps on the CPU."""
+    o = {
+        "name": "d2", "data.dataset": "toy", "data.root": str(toy_root), "data.loader": "pil",
+        "data.image_size": 64, "data.num_workers": 0, "model.arch": "resnet18", "model.dim_hidden": 64,
+        "model.dim_out": 32, "model.num_prototypes": 8, "optim.batch_size": 4, "optim.warmup_epochs": 1,
+        "train.epochs": 2, "train.amp": "none", "train.channels_last": False, "train.device": "cpu",
+        "train.run_dir": str(run_dir), "train.checkpoint_every_steps": 1, "log.every_steps": 1,
+        "log.image_every_steps": 0, "log.progress_bar": False,
+    }
+    return [f"{k}={v}" for k, v in o.items()]
+
+
 @pytest.fixture(scope="module")
-def r18_pkl(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+def r18_pkl(tmp_path_factory) -> Path:
+    """A converted real method state dict (no training): enough for the refusal tests, fast."""
     d = tmp_path_factory.mktemp("w")
-    teacher = make_method_checkpoint(d / "ckpt.pth", "resnet18")
+    make_method_checkpoint(d / "ckpt.pth", "resnet18")
     assert convert_main([str(d / "ckpt.pth"), str(d / "r18.pkl")]) == 0
+    return d / "r18.pkl"
+
+
+@pytest.fixture(scope="module")
+def pretrained_pkl(toy_root, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Convert a checkpoint written by the project's pretraining; return the .pkl and the teacher encoder."""
+    from pretrain.config import load_config
+    from pretrain.engine.checkpoint import list_checkpoints
+    from pretrain.train import run
+
+    d = tmp_path_factory.mktemp("pretrain")
+    torch.manual_seed(0)
+    res = run(load_config(None, _pretrain_overrides(toy_root, d / "run")))
+    assert res.status == "finished" and res.step == 2
+    ckpt = list_checkpoints(res.run_dir / "checkpoints")[0]
+    model = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    teacher = {k[len("teacher_encoder."):]: v for k, v in model.items()
+               if k.startswith("teacher_encoder.") and not k.endswith("num_batches_tracked")}
+    assert convert_main([str(ckpt), str(d / "r18.pkl")]) == 0
+    # the exported teacher backbone of the same run converts to the same weights
+    assert convert_main([str(res.run_dir / "teacher_backbone.pth"), str(d / "exported.pkl")]) == 0
+    a, b = (pickle.load(open(d / n, "rb"))["model"] for n in ("r18.pkl", "exported.pkl"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for k, v in teacher.items():
+        np.testing.assert_array_equal(a[rename_key(k)], v.numpy())
     return d / "r18.pkl", teacher
 
 
@@ -81,22 +123,22 @@ def test_refuses_missing_inputs(tmp_path, capsys):
 
 def test_wrong_class_count_refused(toy_root, r18_pkl, tmp_path):
     with pytest.raises(ValueError, match="has 5 categories.*MODEL.ROI_HEADS.NUM_CLASSES 5"):
-        main(["--config", str(SMOKE), "--weights", str(r18_pkl[0]), "--data-root", str(toy_root),
+        main(["--config", str(SMOKE), "--weights", str(r18_pkl), "--data-root", str(toy_root),
               "--output-dir", str(tmp_path), "MODEL.ROI_HEADS.NUM_CLASSES", "80", *TINY])
 
 
 def test_depth_mismatch_stops_before_training(toy_root, r18_pkl, tmp_path):
     with pytest.raises(BackboneWeightsError, match="randomly initialised"):
-        main(["--config", str(SMOKE), "--weights", str(r18_pkl[0]), "--data-root", str(toy_root),
+        main(["--config", str(SMOKE), "--weights", str(r18_pkl), "--data-root", str(toy_root),
               "--output-dir", str(tmp_path), "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
               *TINY])
     assert not (tmp_path / "model_final.pth").exists() and not (tmp_path / "metrics.json").exists()
 
 
 @pytest.mark.slow
-def test_end_to_end_toy_finetune_and_eval(toy_root, r18_pkl, tmp_path):
+def test_end_to_end_toy_finetune_and_eval(toy_root, pretrained_pkl, tmp_path):
     torch.manual_seed(0)
-    pkl, _ = r18_pkl
+    pkl, _ = pretrained_pkl
     out = tmp_path / "run"
     common = ["--config", str(SMOKE), "--data-root", str(toy_root)]
     assert main([*common, "--weights", str(pkl), "--output-dir", str(out), "SOLVER.MAX_ITER", "3",
