@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    # key=value overrides may follow the options (`... --dry-run optim.base_lr=0.5`)
+    a, extra = p.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or a.cmd != "pretrain"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if a.cmd == "pretrain":
+        a.overrides = [*a.overrides, *extra]
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError) as e:

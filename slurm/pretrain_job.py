@@ -61,7 +61,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
                     preemption.requeue(self, env)  # exits (or raises once the budget is spent)
                 sys.exit(0)  # other ranks: no result pickle; the requeued run writes the real one
             sys.exit(EXIT_PREEMPTED)  # SIGTERM: checkpoint written; SLURM requeues or cancels the job itself
-        return {"run_dir": str(run_dir), "rank": dist_env.rank, "world_size": dist_env.world_size,
+        return {"run_dir": str(run_dir), "rank": dist_env.rank, "world_size": dist_env.world_size, "node": env.node,
                 "status": result.status, "step": result.step, "epoch": result.epoch, "requeues": self.requeues}
 
     def _log_steps(self, run_dir: Path, rank: int, job_id: str, result) -> None:

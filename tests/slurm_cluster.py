@@ -123,7 +123,7 @@ class SlurmCluster:
             # A requeued job may start again at once (the preemption test waits for it).
             "SchedulerParameters=defer_batch=0",
             "MinJobAge=3600",
-            "KillWait=30",
+            "KillWait=10",  # seconds between SIGTERM and SIGKILL: room for a checkpoint on SIGTERM
             "InactiveLimit=0",
             "SlurmdTimeout=60",
             "SlurmctldTimeout=60",
