@@ -78,6 +78,8 @@ def test_configured_method_trains_with_finite_decreasing_loss(config: str, objec
     a = method.assign(batch["view1"])
     assert a.shape == (4, 4, 2, 2)
     torch.testing.assert_close(a.sum(dim=1), torch.ones(4, 2, 2))
+    torch.testing.assert_close(method.assign(batch["view1"]), a)  # reproducible pictures
+    assert (a.max(dim=1).values - a.min(dim=1).values).max() > 1e-4  # slots are not all identical
     backbone = method.teacher_backbone().state_dict()
     assert "conv1.weight" in backbone and not any(k.startswith("fc.") for k in backbone)
     assert any(k.startswith("teacher_encoder.layer4.") for k in method.state_dict())

@@ -92,12 +92,14 @@ class ObjGlobal(nn.Module):
     def assign(self, images: Tensor) -> Tensor:
         """Teacher per-pixel assignment over slots ``(B, S, h, w)`` float32 (sums to 1 over S).
 
-        A Gaussian-initialised Slot Attention starts from its mean (zero noise), so pictures of
-        the same images are reproducible.
+        A Gaussian-initialised Slot Attention uses a fixed draw (seed 0) so that pictures of the
+        same images are reproducible (the mean alone would give identical, inseparable slots).
         """
         noise = self._noise(images.shape[0], images.device)
         if noise is not None:
-            noise = torch.zeros_like(noise)
+            g = torch.Generator().manual_seed(0)
+            draw = torch.randn(noise.shape[1:], generator=g).to(device=noise.device, dtype=noise.dtype)
+            noise = draw.expand_as(noise)
         z = self.teacher_projector(self.teacher_encoder(images))
         return self.teacher_grouping(z, noise).assign.float()
 
