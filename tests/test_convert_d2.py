@@ -189,3 +189,34 @@ def test_detectron2_loads_all_backbone_keys(method_ckpt, tmp_path):
     # ResNet-18 weights into a ResNet-50 detector: refused, naming the depth setting
     with pytest.raises(BackboneWeightsError, match="MODEL.RESNETS.DEPTH"):
         StrictBackboneCheckpointer(_d2_model(50)).load(str(pkl))
+
+
+def test_protocol_config_loads_resnet50_exactly(tmp_path):
+    """The published-protocol config (R50-FPN, 4conv1fc, SyncBN->BN on CPU) takes every converted tensor."""
+    from detectron2.modeling import build_model
+
+    from transfer.detection.train import StrictBackboneCheckpointer, build_parser, setup_cfg
+
+    torch.manual_seed(1)
+    tv = torchvision.models.resnet50()
+    for m in tv.modules():  # non-trivial BN statistics so a swapped key would be noticed
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"backbone": sd, "arch": "resnet50"}, tmp_path / "r50.pth")
+    convert(tmp_path / "r50.pth", tmp_path / "r50.pkl")
+    args = build_parser().parse_args(["--config", str(REPO / "configs/detection/mask_rcnn_R50_FPN_1x_syncbn.yaml"),
+                                      "--weights", str(tmp_path / "r50.pkl"), "MODEL.DEVICE", "cpu"])
+    cfg = setup_cfg(args)
+    model = build_model(cfg)
+    ck = StrictBackboneCheckpointer(model)
+    ck.load(cfg.MODEL.WEIGHTS)
+    assert len(ck.loaded_backbone_keys) == 265
+    got = model.backbone.bottom_up.state_dict()
+    for k, v in sd.items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(got[rename_key(k)], v), k
+    # stride in the 3x3 conv, as in torchvision (STRIDE_IN_1X1 False)
+    assert model.backbone.bottom_up.res3[0].conv2.stride == (2, 2)
+    assert model.backbone.bottom_up.res3[0].conv1.stride == (1, 1)

@@ -156,6 +156,15 @@ def test_end_to_end_toy_finetune_and_eval(toy_root, pretrained_pkl, tmp_path):
     assert (out / "config.yaml").is_file() and (out / "model_final.pth").is_file()
     assert (out / "inference" / "coco_instances_results.json").is_file()
 
+    # a requeued job resumes from the last checkpoint and continues the iteration count
+    assert main([*common, "--weights", str(pkl), "--output-dir", str(out), "--resume", "SOLVER.MAX_ITER", "4",
+                 "SOLVER.STEPS", "(2,)", *TINY]) == 0
+    iters = [r["iteration"] for r in map(json.loads, (out / "train_metrics.json").read_text().splitlines())
+             if "total_loss" in r]
+    assert iters[-1] == 3 and iters.count(2) == 1
+    assert json.loads((out / "metrics.json").read_text())["max_iter"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+
     # the saved detector (precise-BN statistics included) evaluates to exactly the same numbers
     ev = tmp_path / "eval"
     assert main([*common, "--weights", str(out / "model_final.pth"), "--output-dir", str(ev), "--eval-only",
