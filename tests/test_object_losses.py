@@ -136,3 +136,35 @@ def test_global_loss_is_simclr_eq1() -> None:
     assert loss.item() == pytest.approx(F.cross_entropy(sim, target).item(), abs=1e-5)
     assert loss.item() > 0 and math.isfinite(loss.item())
     torch.testing.assert_close(pool_slots(torch.ones(2, 3, 4) * torch.arange(3.0)[:, None]), torch.ones(2, 4))
+
+
+def _two_rank_worker(rank: int, init_file: str, q1, q2, k1, k2, p12, p21, tau, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        half = slice(rank * 2, rank * 2 + 2)
+        loss = ctr_all_loss(q1[half], q2[half], k1[half], k2[half], p12[half], p21[half], tau)
+        glob = global_contrastive_loss(q1[half, 0], q2[half, 0], k1[half, 0], k2[half, 0], tau)
+        torch.save(torch.stack([loss, glob]), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two gloo processes (imports torch twice)
+def test_ctr_all_across_two_ranks_equals_one_process_over_the_global_batch(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    b, s, d, tau = 4, 3, 8, 0.2
+    q1, q2, k1, k2 = (_rand(b, s, d, seed=i) for i in range(4))
+    p12 = torch.stack([torch.randperm(s, generator=torch.Generator().manual_seed(30 + i)) for i in range(b)])
+    p21 = p12.argsort(dim=1)
+    out = str(tmp_path / "loss")
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), q1, q2, k1, k2, p12, p21, tau, out), nprocs=2)
+    per_rank = torch.stack([torch.load(f"{out}.{r}") for r in range(2)])
+    # DDP averages over ranks: the mean of the rank losses is the single-process loss of the global batch.
+    full = ctr_all_loss(q1, q2, k1, k2, p12, p21, tau)
+    full_glob = global_contrastive_loss(q1[:, 0], q2[:, 0], k1[:, 0], k2[:, 0], tau)
+    assert per_rank[:, 0].mean().item() == pytest.approx(full.item(), abs=1e-5)
+    assert per_rank[:, 1].mean().item() == pytest.approx(full_glob.item(), abs=1e-5)
