@@ -36,7 +36,8 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 
 from transfer.detection.datasets import coco_paths, default_data_root, register_coco
 
-logger = logging.getLogger("transfer.detection")
+# A child of Detectron2's logger, so that default_setup's handlers (console + log.txt) print it.
+logger = logging.getLogger("detectron2.transfer")
 
 SCRATCH = "scratch"  # --weights value for a randomly initialised backbone (a baseline), said out loud
 
@@ -170,9 +171,7 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     world = args.num_gpus * args.num_machines
     # SyncBN needs CUDA and a process group with more than one rank; elsewhere it is plain BN.
     if cfg.MODEL.DEVICE == "cpu" or world == 1:
-        changed = _replace_syncbn(cfg.MODEL)
-        if changed:
-            logger.info("SyncBN -> BN (device %s, world size %d): %s", cfg.MODEL.DEVICE, world, changed)
+        args.syncbn_replaced = _replace_syncbn(cfg.MODEL)  # logged by run() once logging is set up
     cfg.freeze()
     return cfg
 
@@ -211,6 +210,9 @@ def run(args: argparse.Namespace) -> dict:
     """One process's work (called by ``launch`` on every rank). Returns the evaluation results."""
     cfg = setup_cfg(args)
     default_setup(cfg, args)
+    if getattr(args, "syncbn_replaced", None):
+        logger.info("SyncBN -> BN (device %s, world size %d): MODEL.%s", cfg.MODEL.DEVICE,
+                    args.num_gpus * args.num_machines, ", MODEL.".join(args.syncbn_replaced))
     register_coco(args.data_root)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -255,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(str(exc))
     if args.num_machines > 1 and args.dist_url == "auto":
         problems.append("--num-machines > 1 needs --dist-url tcp://<machine 0 host>:<port>")
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        problems.append(f"--num-gpus {args.num_gpus} needs CUDA (Detectron2's launch uses NCCL); use --num-gpus 1 on CPU")
+    if args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
+        problems.append(f"{args.num_gpus} GPUs x {args.num_machines} machines needs CUDA (Detectron2's launch uses "
+                        "NCCL); on CPU run one process (--num-gpus 1 --num-machines 1)")
     if problems:
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
