@@ -23,6 +23,7 @@ INTER_AREA (its C++ resize has no other mode), not bicubic as the PIL path does.
 from __future__ import annotations
 
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -190,6 +191,8 @@ class FFCVPretrainLoader:
         self._outputs = list(self.loader.pipeline_specs)  # FFCV's output order
         self.epoch = 0
         self._live = None
+        nthreads = max(1, int(cfg.num_workers))
+        self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="ffcv-aug") if nthreads > 1 else None
 
     @property
     def bad_images(self) -> int:
@@ -214,6 +217,18 @@ class FFCVPretrainLoader:
             except queue.Empty:
                 pass
 
+    def _augment(self, x: torch.Tensor, requested: list[int], view: int) -> torch.Tensor:
+        """Photometric augmentations of a batch. On the GPU: one batched call. On the CPU: chunks on
+        a few threads (torch releases the GIL), as the PIL path spreads them over its workers."""
+        if self.device.type != "cpu" or self._pool is None or len(requested) < 2:
+            return finish_views(x, self.cfg, self.seed, self.epoch, requested, view)
+        k = self._pool._max_workers
+        bounds = np.linspace(0, len(requested), k + 1).astype(int)
+        parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        futures = [self._pool.submit(finish_views, x[a:b], self.cfg, self.seed, self.epoch, requested[a:b], view)
+                   for a, b in parts]
+        return torch.cat([f.result() for f in futures])
+
     def _batch(self, crops, pairs, index, skipped) -> dict[str, torch.Tensor]:
         dev = self.device
         index = torch.from_numpy(np.asarray(index).reshape(-1).copy())
@@ -228,7 +243,7 @@ class FFCVPretrainLoader:
             x = raw[:, v]
             f = flips[:, v].to(dev).view(-1, 1, 1, 1)
             x = torch.where(f, x.flip(-1), x).contiguous()
-            out[f"view{v + 1}"] = finish_views(x, self.cfg, self.seed, self.epoch, requested, v)
+            out[f"view{v + 1}"] = self._augment(x, requested, v)
         b1, b2 = intersection_boxes(pairs)
         out.update({
             "box1": torch.from_numpy(b1).to(dev), "box2": torch.from_numpy(b2).to(dev),

@@ -63,16 +63,11 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(hue * 6.0)
-    f = hue * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([
-        torch.stack([v, q, p, p, t, v], 1),
-        torch.stack([t, v, v, q, p, p], 1),
-        torch.stack([p, p, t, v, v, q], 1),
-    ], 1)  # (B, 3, 6, H, W)
-    return torch.gather(choices, 2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+    # HSV -> RGB without branches: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    h6 = (hue * 6.0).unsqueeze(1)
+    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = (n + h6) % 6.0
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def _color_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
