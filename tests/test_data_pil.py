@@ -135,3 +135,20 @@ def test_layouts(tmp_path):
         dataset_files("toy", tmp_path / "empty")
     with pytest.raises(ValueError, match="data.dataset"):
         dataset_files("cifar", tmp_path)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    coord_image(tmp_path / "imgs" / "a.png", size=16)
+    for bad, key in ((dict(min_scale=0.9, max_scale=0.5), "data.min_scale"), (dict(min_overlap=1.5), "data.min_overlap"),
+                     (dict(blur_p=[1.0]), "data.blur_p"), (dict(loader="dali"), "data.loader")):
+        with pytest.raises(ValueError, match=key):
+            _loader(geometric_cfg(tmp_path / "imgs", **bad))
+
+
+def test_omegaconf_config_is_accepted(tmp_path):
+    from omegaconf import OmegaConf
+
+    coord_image(tmp_path / "imgs" / "a.png", size=16)
+    node = OmegaConf.structured(geometric_cfg(tmp_path / "imgs", image_size=8))
+    batch = next(iter(_loader(node, bs=1)))
+    assert batch["view1"].shape == (1, 3, 8, 8)

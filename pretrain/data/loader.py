@@ -129,9 +129,30 @@ class PretrainLoader:
         return self.iter_from(0)
 
 
+def _checked(cfg) -> DataConfig:
+    """A plain :class:`DataConfig` (an OmegaConf node is converted), with ranges checked."""
+    if not isinstance(cfg, DataConfig):
+        from omegaconf import OmegaConf
+
+        cfg = DataConfig(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else DataConfig(**cfg)
+    if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
+        raise ValueError(f"data.min_scale={cfg.min_scale}, data.max_scale={cfg.max_scale}: need 0 < min <= max <= 1")
+    if not 0 <= cfg.min_overlap <= 1:
+        raise ValueError(f"data.min_overlap={cfg.min_overlap} must lie in [0, 1]")
+    for key in ("blur_p", "solarize_p"):
+        if len(getattr(cfg, key)) != 2:
+            raise ValueError(f"data.{key} needs one probability per view, got {getattr(cfg, key)}")
+    if len(cfg.color_jitter) != 4:
+        raise ValueError(f"data.color_jitter needs (brightness, contrast, saturation, hue), got {cfg.color_jitter}")
+    if cfg.image_size < 8:
+        raise ValueError(f"data.image_size={cfg.image_size} is too small")
+    return cfg
+
+
 def build_pretrain_loader(cfg: DataConfig, batch_size: int, *, rank: int, world_size: int, seed: int,
                           device: torch.device, drop_last: bool = True):
     """The pretraining loader of docs/contracts.md: ``data.loader`` selects ``pil`` or ``ffcv``."""
+    cfg = _checked(cfg)
     if cfg.loader == "pil":
         if cfg.dataset == "toy" and not (Path(cfg.root) / "meta.json").is_file():
             from .toy_scenes import make_toy_scenes
