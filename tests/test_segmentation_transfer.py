@@ -59,13 +59,36 @@ def _train_and_check(name, tmp_path, r18_weights):
     return record
 
 
-def test_voc_trains_reports_miou_and_eval_only_reproduces_it(tmp_path, r18_weights):
-    record = _train_and_check("voc", tmp_path, r18_weights)
+def test_voc_trains_and_reports_miou(tmp_path, r18_weights):
+    _train_and_check("voc", tmp_path, r18_weights)
+
+
+@pytest.mark.slow  # three Runner builds and two checkpoints: ~50 s CPU, ~170 s wall on the shared CI machine
+def test_voc_preempt_resume_report_miou_and_eval_only(tmp_path, r18_weights, monkeypatch):
+    """Preempted after iteration 1 (exit 75, checkpoint), --resume finishes, --eval-only reproduces mIoU."""
+    import pretrain.engine.signals as signals
+
+    weights, _ = r18_weights
+    make_voc(tmp_path / "data")
+    calls = []
+    monkeypatch.setattr(signals, "stop_requested", lambda: calls.append(1) or len(calls) == 1)
+    with pytest.raises(SystemExit) as exc:
+        run(_args("voc", tmp_path / "data", tmp_path / "work", weights))
+    assert exc.value.code == signals.EXIT_PREEMPTED
+    assert (tmp_path / "work" / "last_checkpoint").read_text().endswith("iter_1.pth")
+    assert not (tmp_path / "work" / "metrics.json").exists()
+
+    record = run(_args("voc", tmp_path / "data", tmp_path / "work", weights, resume=True))
+    assert record["iter"] == 2 and len(calls) == 2  # resumed at iteration 1, ran exactly one more
+    assert record["images"] == {"train": 8, "val": 2}
+    m = record["metrics"]
+    assert set(m) >= {"mIoU", "mAcc", "aAcc"} and 0.0 <= m["mIoU"] <= 100.0 and 0.0 < m["aAcc"] <= 100.0
+    assert json.loads((tmp_path / "work" / "metrics.json").read_text())["metrics"] == m
     # --eval-only reloads the fine-tuned mmengine checkpoint (torch weights_only default + compat)
     # and must give exactly the validation numbers of the end of training.
     again = run(_args("voc", tmp_path / "data", tmp_path / "work", None, eval_only=True))
-    assert again["metrics"] == record["metrics"]
-    assert json.loads((tmp_path / "work" / "test_metrics.json").read_text())["metrics"] == record["metrics"]
+    assert again["metrics"] == m
+    assert json.loads((tmp_path / "work" / "test_metrics.json").read_text())["metrics"] == m
 
 
 @pytest.mark.slow  # ~50 s wall on the shared 2-core CI machine

@@ -237,7 +237,7 @@ def run(args: SegArgs) -> dict[str, Any]:
     from mmengine.runner import Runner
     from mmseg.utils import register_all_modules
 
-    from .hooks import MetricsJsonHook, VerifyBackboneHook
+    from .hooks import MetricsJsonHook, PreemptionHook, VerifyBackboneHook
 
     register_all_modules(init_default_scope=False)
     roles = ("test",) if args.eval_only else ("train", "val")
@@ -257,6 +257,7 @@ def run(args: SegArgs) -> dict[str, Any]:
             "dataset": cfg[f"{roles[0]}_dataloader"]["dataset"]["type"], "images": counts,
             "world_size": world_size_of(args.launcher), "total_batch_size": cfg.total_batch_size}
     runner.register_hook(MetricsJsonHook(info), priority="LOW")
+    runner.register_hook(PreemptionHook(), priority="VERY_LOW")
     if weights is not None:
         runner.register_hook(VerifyBackboneHook(weights), priority="VERY_HIGH")
     work = Path(runner.work_dir)
