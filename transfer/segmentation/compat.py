@@ -88,6 +88,24 @@ def _allow_mmengine_checkpoints_under_weights_only() -> None:
         HistoryBuffer._objcentric_weights_only_state = True
 
 
+def _cpu_process_groups() -> None:
+    # mmengine's torchrun path calls torch.cuda.set_device(LOCAL_RANK) unconditionally, which fails on a
+    # machine without GPUs; multi-process CPU runs (gloo: CI, laptops) then only need the process group.
+    import mmengine.dist.utils as dist_utils
+
+    original = dist_utils._init_dist_pytorch
+    if getattr(original, "_objcentric_cpu", False):
+        return
+
+    def _init_dist_pytorch(backend, init_backend="torch", **kwargs):
+        if torch.cuda.is_available() or init_backend != "torch":
+            return original(backend, init_backend=init_backend, **kwargs)
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+
+    _init_dist_pytorch._objcentric_cpu = True  # type: ignore[attr-defined]
+    dist_utils._init_dist_pytorch = _init_dist_pytorch
+
+
 def _quiet_expected_mmcv_lite_warning() -> None:
     # mmcv.cnn's transformer bricks warn on import that MultiScaleDeformableAttention (a compiled op)
     # is unavailable: expected with mmcv-lite and irrelevant to FCN; the op still fails loudly on use.
@@ -99,6 +117,7 @@ def apply() -> None:
     _quiet_expected_mmcv_lite_warning()
     _install_mmcv_ops_placeholder()
     _allow_mmengine_checkpoints_under_weights_only()
+    _cpu_process_groups()
 
 
 apply()

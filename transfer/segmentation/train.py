@@ -185,6 +185,9 @@ def build_config(args: SegArgs) -> Config:
     cfg.launcher = args.launcher
     cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "nccl" if cuda else "gloo"
     set_norm(cfg, use_syncbn=cuda and world > 1)
+    if world > 1 and not cuda:
+        # mmengine hands DDP device_ids=[LOCAL_RANK], which DDP rejects for a CPU module (gloo runs).
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
 
     total = int(cfg.get("total_batch_size", cfg.train_dataloader.batch_size * world))
     if total % world:
