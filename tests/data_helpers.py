@@ -76,3 +76,18 @@ def check_views_against_source(batch: dict, pairs: np.ndarray | None = None, tol
     diff = (a1 - a2)[..., inner, inner].abs()
     assert diff.median() < tol, diff.median()
     assert torch.quantile(diff.flatten(), 0.95) < 4 * tol
+    if pairs is not None:
+        # aligned pixel (r, c) of both views is source location (x1 + (c + .5) dx, y1 + (r + .5) dy)
+        p = torch.as_tensor(pairs, dtype=torch.float32)
+        x1 = torch.maximum(p[:, 1], p[:, 6])
+        x2 = torch.minimum(p[:, 1] + p[:, 3], p[:, 6] + p[:, 8])
+        y1 = torch.maximum(p[:, 0], p[:, 5])
+        y2 = torch.minimum(p[:, 0] + p[:, 2], p[:, 5] + p[:, 7])
+        s = a1.shape[-1]
+        u = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+        sx = x1[:, None] + u[None] * (x2 - x1)[:, None]
+        sy = y1[:, None] + u[None] * (y2 - y1)[:, None]
+        for a in (a1, a2):
+            ex = (a[:, 0] - sx[:, None, :]).abs()[..., inner, inner]
+            ey = (a[:, 1] - sy[:, :, None]).abs()[..., inner, inner]
+            assert ex.median() < tol and ey.median() < tol, (ex.median(), ey.median())

@@ -76,3 +76,14 @@ def test_make_toy_scenes_deterministic_and_idempotent(tmp_path):
     make_toy_scenes(r1, n_train=6, n_val=2, size=40, seed=12)  # different request: rebuilt
     assert load_meta(r1)["seed"] == 12 and len(list((r1 / "train2017").glob("*.jpg"))) == 6
     assert not [p for p in r1.iterdir() if p.name.startswith(".toy-")]
+
+
+def test_concurrent_callers_get_one_complete_dataset(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        roots = list(pool.map(lambda _: make_toy_scenes(tmp_path / "c", n_train=6, n_val=2, size=32, seed=1), range(3)))
+    assert all(r == roots[0] for r in roots)
+    assert len(list((roots[0] / "train2017").glob("*.jpg"))) == 6
+    assert load_meta(roots[0])["n_train"] == 6
+    assert not [p for p in roots[0].iterdir() if p.name.startswith(".toy-")]

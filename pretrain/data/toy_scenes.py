@@ -16,6 +16,7 @@ does not depend on how many others were made, and the whole set is reproducible.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -253,6 +254,13 @@ def _render_split(tmp: Path, split: str, split_id: int, n: int, size: int | tupl
     (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
 
+def _meta_matches(path: Path, want: dict[str, Any]) -> bool:
+    try:
+        return json.loads(path.read_text()) == want
+    except (OSError, json.JSONDecodeError):  # missing, or corrupt (an unknown state: rebuild)
+        return False
+
+
 def make_toy_scenes(root: str | os.PathLike, n_train: int = 256, n_val: int = 64, size: int | tuple[int, int] = 128,
                     seed: int = 0) -> Path:
     """Write the toy-scenes dataset to ``root`` (layout in docs/contracts.md) and return ``root``.
@@ -260,40 +268,35 @@ def make_toy_scenes(root: str | os.PathLike, n_train: int = 256, n_val: int = 64
     Idempotent: if ``root/meta.json`` already describes the same ``(n_train, n_val, size, seed)``
     and renderer version, nothing is written. Otherwise the dataset is rendered into a temporary
     folder inside ``root`` and moved into place, with ``meta.json`` written last, so an
-    interrupted run never looks complete and concurrent callers never see half a dataset.
+    interrupted run never looks complete; concurrent callers serialise on a lock file.
     """
     root = Path(root)
     want = _meta(n_train, n_val, size, seed)
     meta_path = root / "meta.json"
-    if meta_path.is_file():
-        try:
-            if json.loads(meta_path.read_text()) == want:
-                return root
-        except json.JSONDecodeError:
-            pass  # a corrupt meta.json means an unknown state: rebuild
+    if _meta_matches(meta_path, want):
+        return root
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".toy-tmp-", dir=root))
-    try:
-        for split_id, (split, n) in enumerate(zip(_SPLITS, (n_train, n_val))):
-            _render_split(tmp, split, split_id, n, size, seed)
-        # Another process may have finished the same dataset meanwhile: then keep theirs.
-        if meta_path.is_file():
-            try:
-                if json.loads(meta_path.read_text()) == want:
-                    return root
-            except json.JSONDecodeError:
-                pass
-            meta_path.unlink(missing_ok=True)
-        for entry in ("train2017", "val2017", "annotations", "semantic", "instances"):
-            dst = root / entry
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=".toy-old-", dir=root))
-                os.replace(dst, old / entry)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp / entry, dst)
-        tmp_meta = tmp / "meta.json"
-        tmp_meta.write_text(json.dumps(want, indent=2))
-        os.replace(tmp_meta, meta_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Concurrent callers (ranks, parallel tests) wait for one another here; the second one then
+    # finds a matching meta.json and returns.
+    with open(root / ".toy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _meta_matches(meta_path, want):
+            return root
+        meta_path.unlink(missing_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".toy-tmp-", dir=root))
+        try:
+            for split_id, (split, n) in enumerate(zip(_SPLITS, (n_train, n_val))):
+                _render_split(tmp, split, split_id, n, size, seed)
+            for entry in ("train2017", "val2017", "annotations", "semantic", "instances"):
+                dst = root / entry
+                if dst.exists():
+                    old = Path(tempfile.mkdtemp(prefix=".toy-old-", dir=root))
+                    os.replace(dst, old / entry)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp / entry, dst)
+            tmp_meta = tmp / "meta.json"
+            tmp_meta.write_text(json.dumps(want, indent=2))
+            os.replace(tmp_meta, meta_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
