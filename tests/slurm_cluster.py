@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun", "sinfo")
-MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -74,14 +73,17 @@ class SlurmCluster:
                 f"SLURM binaries missing: {missing} (install with: apt-get install -y slurmctld slurmd slurm-client munge)")
         if os.geteuid() != 0:
             raise SlurmUnavailable("slurmd must run as root to launch jobs; the tests are not running as root")
-        if not MUNGE_KEY.is_file() or MUNGE_KEY.stat().st_size == 0:
-            raise SlurmUnavailable(f"munge key {MUNGE_KEY} missing (create it with: mungekey --create)")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         # munged refuses a socket directory that others cannot traverse (or that others can write).
         for d in (root, root / "munge", root / "state", root / "spool", root / "log"):
             d.mkdir(exist_ok=True)
             d.chmod(0o755)
+        # A private key: every daemon and client of this cluster runs here as root, and the
+        # system's /etc/munge/munge.key (if any) stays untouched.
+        key = root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
         names = [f"node{i + 1}" for i in range(nodes)]
         conf = root / "slurm.conf"
         conf.write_text(cls._conf_text(root, names, cpus_per_node))
@@ -146,7 +148,7 @@ class SlurmCluster:
         r = self.root
         self._spawn("munged", ["munged", "-F", "--force", f"--socket={r}/munge/munge.socket",
                                f"--pid-file={r}/munge/munged.pid", f"--log-file={r}/log/munged.log",
-                               f"--seed-file={r}/munge/munged.seed", f"--key-file={MUNGE_KEY}"])
+                               f"--seed-file={r}/munge/munged.seed", f"--key-file={r}/munge/munge.key"])
         self._wait(lambda: (r / "munge" / "munge.socket").exists(), timeout_s, "munged", r / "log" / "munged.log")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._run(["scontrol", "ping"]).stdout.find("UP") >= 0, timeout_s,

@@ -147,35 +147,58 @@ def test_two_nodes_four_ranks(slurm, toy_root, tmp_path):
 
 # --------------------------------------------------------------------------- preemption
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, toy_root, tmp_path):
+    """Interrupted twice, both ways SLURM interrupts a job, then finishes where an uninterrupted run does:
+
+    1. USR2 to every task (what ``--signal=USR2@delay`` does before the time limit): all ranks stop
+       after the same step, rank 0 checkpoints, the job requeues itself (``checkpoint()``);
+    2. ``scontrol requeue`` (an admin, or preemption in REQUEUE mode): SIGTERM, checkpoint, SLURM requeues.
+    """
     epochs = 3
+    total = epochs * STEPS_PER_EPOCH
     r = Resources(nodes=1, tasks_per_node=2, time_min=10, signal_delay_s=30, max_requeues=2)
     pre = submit_pretrain(CONFIG, overrides(toy_root, epochs=epochs), r, output_root=tmp_path)
     job_id, run_dir = pre["job_id"], Path(pre["run_dir"])
     metrics = run_dir / "metrics.jsonl"
-    t0 = time.time()
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert time.time() - t0 < 300, f"no training step after 300 s: {slurm_state(job_id)}\n{logs_of(run_dir)}"
-        time.sleep(0.5)
-    # What SLURM does at the time limit (--signal=USR2@delay): USR2 to every task of the job.
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
     def skip_requeue_delay(st):  # SLURM holds a requeued job ~2 min (BeginTime); start it now
         if st["reason"] == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
 
+    def wait_step(at_least: int) -> None:  # rank 0 logs one metrics line per optimiser step
+        t0 = time.time()
+        while True:
+            rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+            if rows and rows[-1]["step"] >= at_least and slurm_state(job_id)["state"] == "RUNNING":
+                return
+            assert time.time() - t0 < 400, f"step {at_least} not reached: {slurm_state(job_id)}\n{logs_of(run_dir)}"
+            skip_requeue_delay(slurm_state(job_id))
+            time.sleep(0.5)
+
+    wait_step(0)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    t0 = time.time()
+    while slurm_state(job_id)["restarts"] != "1":
+        assert time.time() - t0 < 300, f"not requeued after USR2: {slurm_state(job_id)}\n{logs_of(run_dir)}"
+        time.sleep(0.5)
+    first_stop = [r for r in rank_rows(run_dir, 0) if "end" in r][0]["step"]
+    wait_step(first_stop)  # the requeued run is training again
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+
     assert wait_final(job_id, 500, on_pending=skip_requeue_delay) == "COMPLETED", logs_of(run_dir)
-    assert slurm_state(job_id)["restarts"] == "1"
+    assert slurm_state(job_id)["restarts"] == "2"
     results = pre["job"].results()
-    total = epochs * STEPS_PER_EPOCH
+    # Only the USR2 requeue goes through checkpoint() (counted against --max-requeues).
     assert all(r["step"] == total and r["requeues"] == 1 and r["status"] == "finished" for r in results)
     for k in range(2):
         rows = rank_rows(run_dir, k)
         ends = [r for r in rows if "end" in r]
-        assert [e["end"] for e in ends] == ["preempted", "finished"]
-        stop = ends[0]["step"]
-        assert 0 < stop < total  # interrupted mid-run ...
-        steps = [r["step"] for r in step_rows(rows)]
-        assert steps == list(range(total))  # ... and resumed exactly after the checkpointed step
-    assert rank_rows(run_dir, 0) == [{**x} for x in rank_rows(run_dir, 1)]  # both ranks stopped at the same step
+        assert [e["end"] for e in ends] == ["preempted", "preempted", "finished"]
+        stops = [e["step"] for e in ends[:2]]
+        assert 0 < stops[0] < stops[1] < total  # interrupted mid-run, twice ...
+        # ... and each run resumed right after the checkpointed step: no step lost or repeated.
+        assert [r["step"] for r in step_rows(rows)] == list(range(total))
+    assert rank_rows(run_dir, 0) == rank_rows(run_dir, 1)  # the ranks stopped at the same steps
     log = (run_dir / "log.txt").read_text()
-    assert f"checkpoints/ckpt_{stop:08d}.pth: step {stop}" in log  # auto-resume found the preemption checkpoint
+    for stop in stops:  # auto-resume found each preemption checkpoint
+        assert f"checkpoints/ckpt_{stop:08d}.pth: step {stop}" in log
+    assert "stop requested (SIGUSR2" in log and "stop requested (SIGTERM)" in log
