@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("pretrain", help="submit a (multi-node) pretraining job")
     pp.add_argument("config", help="configs/pretrain/*.yaml")
     pp.add_argument("overrides", nargs="*", metavar="key=value")
-    add_resource_args(pp, job_name="pretrain", time_min=1440)
+    add_resource_args(pp, time_min=1440)
     pp.add_argument("--output-root", default="runs", help="run dirs are <output-root>/<name>_<jobid>")
     pp.add_argument("--run-dir", default=None, help="continue an existing run dir (resumes its checkpoints)")
     pp.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config only")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--task-config", action="append", help="TASK=CONFIG to replace a task's default config")
     pt.add_argument("--opt", action="append", help="TASK='ARGS' extra arguments for a task's entry point")
     pt.add_argument("--wait", action="store_true")
-    add_resource_args(pt, job_name="transfer", time_min=1440)
+    add_resource_args(pt, time_min=1440)
     pt.set_defaults(func=cmd_transfer)
 
     ps = sub.add_parser("status", help="state of every job of a run")

@@ -1,6 +1,7 @@
 """Submitting jobs through `submitit.AutoExecutor` (SLURM, local processes, or in-process debug)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -75,6 +76,8 @@ def submit_pretrain(config: str, overrides: list[str], r: Resources, *, output_r
 
     cfg = load_config(config, overrides)  # a typo fails here, not hours later in the queue
     name = cfg.name
+    if not r.job_name:
+        r = dataclasses.replace(r, job_name=name)
     output_root = Path(output_root).absolute()
     folder = output_root / SUBMITIT_DIR
     job_fn = PretrainJob(config, overrides, str(output_root), name, r.max_requeues,

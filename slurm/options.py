@@ -31,7 +31,7 @@ class Resources:
     cluster: str = "slurm"
     max_requeues: int = 10
     signal_delay_s: int = 120  # USR2 this long before the time limit: room for the checkpoint
-    job_name: str = "pretrain"
+    job_name: str = ""  # "" -> the run name (pretraining) or "transfer-<task>"
     dependency: str | None = None  # e.g. "afterok:123"
     task_per_node: bool = False  # one task per node that starts its own per-GPU processes (Detectron2's launch)
     extra: dict = field(default_factory=dict)  # further `#SBATCH --key=value`
@@ -71,7 +71,7 @@ class Resources:
 def executor_kwargs(r: Resources) -> dict:
     """`AutoExecutor.update_parameters` arguments for ``r`` (``slurm_`` ones apply on SLURM only)."""
     kw: dict = {
-        "name": r.job_name,
+        "name": r.job_name or "submitit",
         "timeout_min": r.time_min,
         "nodes": r.nodes,
         "tasks_per_node": r.ntasks_per_node,
@@ -106,7 +106,7 @@ def sbatch_parameters(r: Resources) -> dict:
     return out
 
 
-def add_resource_args(p: argparse.ArgumentParser, *, job_name: str, time_min: int) -> None:
+def add_resource_args(p: argparse.ArgumentParser, *, time_min: int) -> None:
     """The scheduler options shared by `pretrain` and `transfer`."""
     g = p.add_argument_group("resources")
     g.add_argument("--nodes", type=int, default=1)
@@ -124,7 +124,7 @@ def add_resource_args(p: argparse.ArgumentParser, *, job_name: str, time_min: in
     g.add_argument("--max-requeues", type=int, default=10, help="preemption/time-limit requeues before giving up")
     g.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (checkpoint time)")
-    g.add_argument("--job-name", default=job_name)
+    g.add_argument("--job-name", default="", help="default: the run name (pretrain), transfer-<task> (transfer)")
 
 
 def resources_from_args(a: argparse.Namespace, dependency: str | None = None) -> Resources:

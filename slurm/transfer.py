@@ -220,7 +220,7 @@ def submit_transfer(source: str, tasks: list[str], r_base: Resources, *, after: 
     submitted = []
     for task in tasks:
         spec = TASKS[task]
-        r = Resources(**{**r_base.__dict__, "job_name": f"{r_base.job_name}-{task}",
+        r = Resources(**{**r_base.__dict__, "job_name": f"{r_base.job_name or 'transfer'}-{task}",
                          "dependency": f"afterok:{dep_id}" if dep_id else None,
                          "task_per_node": spec.family == "det"})
         fn = TransferJob(task, source, str(run_dir), config=(configs or {}).get(task),

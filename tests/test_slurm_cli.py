@@ -48,6 +48,7 @@ def test_dry_run_prints_sbatch_directives_and_config(tmp_path, run_cli):
     assert directives["partition"] == "gpu" and directives["account"] == "proj" and directives["qos"] == "high"
     assert directives["time"] == "4320" and directives["constraint"] == "a100" and directives["mem-per-gpu"] == "64G"
     assert directives["cpus-per-task"] == "10" and directives["exclude"] == "'node[07-08]'"
+    assert directives["job-name"] == "slotcon_coco_r50_800ep"  # the run's name by default
     assert directives["signal"] == "USR2@180"  # submitit's preemption signal, 180 s before the limit
     assert "requeue" in directives and directives["open-mode"] == "append"
     assert f"{tmp_path}/submitit/%j_%t_log.out" in out  # per-rank logs
@@ -74,12 +75,12 @@ def test_resources_validation_and_translation():
         Resources(gpus_per_node=8, tasks_per_node=4)
     with pytest.raises(ValueError, match="--nodes 1"):
         Resources(nodes=2, cluster="local")
-    r = Resources(nodes=3, gpus_per_node=4, dependency="afterok:42", max_requeues=5)
+    r = Resources(nodes=3, gpus_per_node=4, dependency="afterok:42", max_requeues=5, job_name="slotcon")
     kw = executor_kwargs(r)
     assert kw["tasks_per_node"] == 4 and kw["gpus_per_node"] == 4 and r.world_size == 12
     assert kw["slurm_additional_parameters"]["dependency"] == "afterok:42"
     native = sbatch_parameters(r)
-    assert native["ntasks_per_node"] == 4 and native["time"] == r.time_min and native["job_name"] == r.job_name
+    assert native["ntasks_per_node"] == 4 and native["time"] == r.time_min and native["job_name"] == "slotcon"
     det = Resources(nodes=2, gpus_per_node=8, task_per_node=True)  # Detectron2 spawns its own per-GPU processes
     assert det.ntasks_per_node == 1 and det.world_size == 2
 
@@ -163,3 +164,31 @@ def test_status_without_registry_is_a_clear_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "slurm", "status", str(tmp_path)], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert p.returncode == 2 and "jobs.json" in p.stderr and "not a run directory" in p.stderr
+
+
+class _Env:  # the parts of submitit.JobEnvironment that TransferJob.command reads
+    def __init__(self, num_nodes: int, node: int, num_tasks: int) -> None:
+        self.num_nodes, self.node, self.num_tasks = num_nodes, node, num_tasks
+
+
+def test_transfer_command_lines(tmp_path, monkeypatch):
+    from slurm.transfer import TransferJob
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    det = TransferJob("det", str(tmp_path), str(tmp_path), data_root="/data/coco", gpus_per_node=8)
+    cmd = det.command(Path("/w/b.pkl"), _Env(num_nodes=2, node=1, num_tasks=2))
+    assert cmd[1:3] == ["-m", "transfer.detection"] and cmd[cmd.index("--config") + 1].endswith(
+        "configs/detection/mask_rcnn_R50_FPN_1x_syncbn.yaml")
+    for flag, value in (("--weights", "/w/b.pkl"), ("--num-gpus", "8"), ("--num-machines", "2"),
+                        ("--machine-rank", "1"), ("--dist-url", "tcp://10.0.0.1:29500"), ("--data-root", "/data/coco"),
+                        ("--output-dir", str(tmp_path / "transfer" / "det"))):
+        assert cmd[cmd.index(flag) + 1] == value
+    seg = TransferJob("ade20k", str(tmp_path), str(tmp_path), opts=["train_cfg.max_iters=10"])
+    seg.resume = True  # as set by checkpoint() before a requeue
+    cmd = seg.command(Path("/w/b.pth"), _Env(num_nodes=1, node=0, num_tasks=8))
+    assert cmd[1:3] == ["-m", "transfer.segmentation"] and cmd[cmd.index("--launcher") + 1] == "pytorch"
+    assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / "transfer" / "ade20k")
+    assert "--resume" in cmd and cmd[-1] == "train_cfg.max_iters=10"
+    with pytest.raises(ValueError, match="unknown transfer task"):
+        TransferJob("imagenet_linear", str(tmp_path), str(tmp_path))
