@@ -188,3 +188,23 @@ def test_overrides_batch_split_and_norm(monkeypatch):
     ade = build_config(SegArgs(config=str(CONFIGS / "fcn_r50-d8_512x512_80k_ade20k.py"), weights="/x/w.pth"))
     assert ade.train_cfg.max_iters == 80000 and ade.model.decode_head.num_classes == 150
     assert ade.model.backbone.init_cfg == dict(type="Pretrained", checkpoint="/x/w.pth")
+
+
+@pytest.mark.slow  # two processes on the shared CPU: ~1-2 min wall
+def test_two_process_gloo_run_splits_the_batch(tmp_path, r18_weights):
+    """--gpus 2 --launcher none relaunches itself through torchrun (gloo on CPU): DDP, batch 16/2 per process."""
+    import subprocess
+    import sys
+
+    weights, _ = r18_weights
+    make_voc(tmp_path / "data")
+    cmd = [sys.executable, "-m", "transfer.segmentation", "--config", str(CONFIGS / PROTOCOLS["voc"][0]),
+           "--weights", str(weights), "--data-root", str(tmp_path / "data/VOCdevkit/VOC2012"),
+           "--work-dir", str(tmp_path / "work"), "--gpus", "2", *R18, "total_batch_size=4"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert rec["world_size"] == 2 and rec["total_batch_size"] == 4 and rec["iter"] == 2
+    assert rec["images"] == {"train": 8, "val": 2} and 0.0 <= rec["metrics"]["mIoU"] <= 100.0
+    effective = (tmp_path / "work" / PROTOCOLS["voc"][0]).read_text()  # mmengine's dump of the effective config
+    assert "batch_size=2," in effective and "total_batch_size = 4" in effective  # 4 split over 2 processes

@@ -137,16 +137,22 @@ def _walk(node: Any, fn) -> None:
             _walk(v, fn)
 
 
-def set_norm(cfg: Config, use_syncbn: bool) -> None:
-    """SyncBN where it can run (CUDA and more than one process), plain BN otherwise (DESIGN.md)."""
-    src, dst = ("BN", "SyncBN") if use_syncbn else ("SyncBN", "BN")
+def set_norm(cfg: Config, use_syncbn: bool) -> int:
+    """SyncBN where it can run (CUDA and more than one process), plain BN otherwise (DESIGN.md).
+
+    Returns how many norm layers were switched from SyncBN to BN.
+    """
+    changed = 0
 
     def fix(d: dict) -> None:
-        if d.get("type") == src and ("requires_grad" in d or src == "SyncBN"):
-            d["type"] = dst
+        nonlocal changed
+        if d.get("type") == "SyncBN":
+            d["type"] = "BN"
+            changed += 1
 
     if not use_syncbn:
         _walk(cfg._cfg_dict, fix)
+    return changed
 
 
 def set_data_root(cfg: Config, root: str) -> None:
