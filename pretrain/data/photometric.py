@@ -98,23 +98,30 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(bsz, ch, h, w)
 
 
+def _where_apply(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn`` on the selected samples only; no gather/scatter when all or none are selected
+    (always the case for the PIL path's batches of one)."""
+    n = int(sel.sum())
+    if n == 0:
+        return x
+    if n == x.shape[0]:
+        return fn(x, *args)
+    x = x.clone()
+    x[sel] = fn(x[sel], *(a[sel] for a in args))
+    return x
+
+
 def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Apply the sampled augmentations to ``x`` (float ``(B,3,S,S)`` in [0, 1]); returns [0, 1]."""
     p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
-    x = x.clone()
     jit = p["jitter"]
     if bool(jit.any()):
         for step in range(4):
             for op in range(4):
                 sel = jit & (p["order"][:, step] == op)
-                if bool(sel.any()):
-                    x[sel] = _color_op(x[sel], op, p["factors"][sel, op])
-    if bool(p["gray"].any()):
-        sel = p["gray"]
-        x[sel] = _gray(x[sel]).expand(-1, 3, -1, -1)
-    if bool(p["blur"].any()):
-        sel = p["blur"]
-        x[sel] = _gaussian_blur(x[sel], p["sigma"][sel])
+                x = _where_apply(x, sel, lambda t, f, op=op: _color_op(t, op, f), p["factors"][:, op])
+    x = _where_apply(x, p["gray"], lambda t: _gray(t).expand(-1, 3, -1, -1).contiguous())
+    x = _where_apply(x, p["blur"], _gaussian_blur, p["sigma"])
     if bool(p["solarize"].any()):
         sel = p["solarize"].view(-1, 1, 1, 1)
         x = torch.where(sel & (x >= 128 / 255), 1.0 - x, x)
