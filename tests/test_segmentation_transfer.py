@@ -63,7 +63,7 @@ def test_voc_trains_and_reports_miou(tmp_path, r18_weights):
     _train_and_check("voc", tmp_path, r18_weights)
 
 
-@pytest.mark.slow  # three Runner builds and two checkpoints: ~50 s CPU, ~170 s wall on the shared CI machine
+@pytest.mark.slow  # three Runner builds and two checkpoints: ~75 s (up to ~170 s on a loaded machine)
 def test_voc_preempt_resume_report_miou_and_eval_only(tmp_path, r18_weights, monkeypatch):
     """Preempted after iteration 1 (exit 75, checkpoint), --resume finishes, --eval-only reproduces mIoU."""
     import pretrain.engine.signals as signals
@@ -91,12 +91,10 @@ def test_voc_preempt_resume_report_miou_and_eval_only(tmp_path, r18_weights, mon
     assert json.loads((tmp_path / "work" / "test_metrics.json").read_text())["metrics"] == m
 
 
-@pytest.mark.slow  # ~50 s wall on the shared 2-core CI machine
 def test_cityscapes_trains_with_slide_inference(tmp_path, r18_weights):
     _train_and_check("cityscapes", tmp_path, r18_weights)
 
 
-@pytest.mark.slow  # ~70 s wall on the shared 2-core CI machine
 def test_ade20k_trains_and_reports_miou(tmp_path, r18_weights):
     _train_and_check("ade20k", tmp_path, r18_weights)
 
