@@ -29,6 +29,17 @@ def _pairs(items: list[str] | None, what: str, default_key: str | None = None) -
     return out
 
 
+def _wait(job, rec: dict, poll_s: float = 10.0) -> None:
+    """Block until the job is over (scontrol-based: submitit's sacct watcher is blind without accounting)."""
+    import time
+
+    from slurm.state import is_final, job_state
+
+    while not is_final(job_state(rec)["state"]):
+        time.sleep(poll_s)
+    job.results()  # raises the job's own error if it failed
+
+
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from slurm.launch import submit_pretrain
 
@@ -36,7 +47,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     res = submit_pretrain(a.config, a.overrides, r, output_root=a.output_root, run_dir=a.run_dir,
                           dry_run=a.dry_run)
     if a.wait and res.get("job") is not None:
-        res["job"].results()
+        _wait(res["job"], registry.jobs_of(res["run_dir"], "pretrain")[-1])
         print("finished:", res["run_dir"])
     return 0
 
@@ -59,7 +70,7 @@ def cmd_transfer(a: argparse.Namespace) -> int:
     subs = submit_transfer(a.source, tasks, r, after=a.after, data_root=roots, configs=configs, opts=opts)
     if a.wait:
         for s in subs:
-            s["job"].results()
+            _wait(s["job"], s)
     return 0
 
 
@@ -105,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("transfer", help="convert the backbone and submit transfer jobs (afterok the pretraining)")
     pt.add_argument("source", help="run directory (newest checkpoint) or a checkpoint file")
     pt.add_argument("--tasks", default="det,voc,cityscapes,ade20k", help="comma list of det,voc,cityscapes,ade20k,convert")
-    pt.add_argument("--after", default=None, help="job id to wait for (default: the run's unfinished pretraining job)")
+    pt.add_argument("--after", default=None, help="job id to wait for (default: the run's unfinished pretraining job; 'none': no wait)")
     pt.add_argument("--data-root", action="append", help="DIR for every task, or TASK=DIR (repeatable)")
     pt.add_argument("--task-config", action="append", help="TASK=CONFIG to replace a task's default config")
     pt.add_argument("--opt", action="append", help="TASK='ARGS' extra arguments for a task's entry point")

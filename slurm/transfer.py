@@ -24,7 +24,7 @@ from slurm import registry
 from slurm.distenv import export_distributed_env
 from slurm.launch import SUBMITIT_DIR, link_logs, make_executor, submit
 from slurm.options import Resources
-from slurm.state import job_state
+from slurm.state import is_final, job_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,9 +171,12 @@ class TransferJob(submitit.helpers.Checkpointable):
 
 
 def pretrain_dependency(run_dir: Path, after: str | None) -> tuple[str | None, dict | None]:
-    """The job to wait for: ``--after`` if given, else the run's pretraining job while it is unfinished."""
+    """The job to wait for: ``--after`` if given ("none": no wait), else the run's unfinished pretraining job.
+
+    A pretraining job that ended unsuccessfully is an error: ``afterok`` would never be satisfied.
+    """
     if after:
-        return after, None
+        return (None, None) if after.lower() == "none" else (after, None)
     if not (run_dir / registry.JOBS_FILE).is_file():
         return None, None
     pre = registry.jobs_of(run_dir, "pretrain")
@@ -181,7 +184,12 @@ def pretrain_dependency(run_dir: Path, after: str | None) -> tuple[str | None, d
         return None, None
     rec = pre[-1]
     st = job_state(rec)["state"]
-    return (None, rec) if st.startswith("COMPLETED") else (rec["job_id"], rec)
+    if st.startswith("COMPLETED"):
+        return None, rec
+    if is_final(st):
+        raise ValueError(f"pretraining job {rec['job_id']} of {run_dir} ended as {st}: its dependents would never "
+                         "start. Resume it first, or pass --after none to transfer its newest checkpoint anyway")
+    return rec["job_id"], rec
 
 
 def wait_local(rec: dict, poll_s: float = 2.0) -> None:
