@@ -20,6 +20,7 @@ import torch
 from . import compat  # noqa: F401  (must precede mmseg imports)
 
 from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 
 from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
@@ -190,7 +191,8 @@ def build_config(args: SegArgs) -> Config:
     cuda = torch.cuda.is_available()
     cfg.launcher = args.launcher
     cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "nccl" if cuda else "gloo"
-    set_norm(cfg, use_syncbn=cuda and world > 1)
+    if set_norm(cfg, use_syncbn=cuda and world > 1):
+        print_log(f"SyncBN -> BN: {'no CUDA' if not cuda else 'a single process'}", logger="current")
     if world > 1 and not cuda:
         # mmengine hands DDP device_ids=[LOCAL_RANK], which DDP rejects for a CPU module (gloo runs).
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
