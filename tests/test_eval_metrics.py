@@ -32,6 +32,9 @@ def test_constant_prediction():
     assert r["pacc"] == pytest.approx(0.5)
     assert r["miou"] == pytest.approx(0.5 / 3)
     assert r["mapping"][2] == 0
+    # many-to-one: unused groups map nowhere; same numbers as one-to-one here
+    assert r["majority_mapping"] == [-1, -1, 0]
+    assert r["miou_majority"] == pytest.approx(0.5 / 3) and r["pacc_majority"] == pytest.approx(0.5)
 
 
 def test_more_groups_than_classes_unmatched_groups_are_wrong():
@@ -41,6 +44,9 @@ def test_more_groups_than_classes_unmatched_groups_are_wrong():
     assert r["pacc"] == pytest.approx(5 / 8)
     assert r["miou"] == pytest.approx((2 / 4 + 3 / 4) / 2)
     assert sorted(m for m in r["mapping"] if m >= 0) == [0, 1] and r["mapping"][2] == 1
+    # many-to-one: every group is pure, so the over-segmentation scores 100%
+    assert r["majority_mapping"] == [0, 0, 1, 1]
+    assert r["miou_majority"] == pytest.approx(1.0) and r["pacc_majority"] == pytest.approx(1.0)
 
 
 def test_fewer_groups_than_classes_and_ignore_index():

@@ -59,6 +59,33 @@ def hungarian_match(confusion: np.ndarray) -> np.ndarray:
     return mapping
 
 
+def majority_mapping(confusion: np.ndarray) -> np.ndarray:
+    """Many-to-one mapping: each group to its most frequent class (IIC's over-clustering
+    evaluation); groups without pixels map to ``-1``."""
+    confusion = np.asarray(confusion)
+    mapping = confusion.argmax(axis=1).astype(np.int64)
+    mapping[confusion.sum(axis=1) == 0] = -1
+    return mapping
+
+
+def _scores_for_mapping(confusion: np.ndarray, mapping: np.ndarray) -> tuple[float, float, np.ndarray]:
+    num_classes = confusion.shape[1]
+    total = int(confusion.sum())
+    gt_count = confusion.sum(axis=0)
+    tp = np.zeros(num_classes, dtype=np.int64)
+    pred_count = np.zeros(num_classes, dtype=np.int64)
+    for g, c in enumerate(mapping):
+        if c >= 0:
+            tp[c] += confusion[g, c]
+            pred_count[c] += confusion[g].sum()
+    union = gt_count + pred_count - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    valid = union > 0
+    miou = float(np.mean(iou[valid])) if valid.any() else float("nan")
+    pacc = float(tp.sum() / total) if total else float("nan")
+    return miou, pacc, iou
+
+
 def matched_scores(confusion: np.ndarray, mapping: np.ndarray | None = None) -> dict:
     """mIoU and pixel accuracy after matching groups to classes (SlotCon Sec. 4.4).
 
@@ -74,29 +101,28 @@ def matched_scores(confusion: np.ndarray, mapping: np.ndarray | None = None) -> 
     IoU of class ``c`` = TP / (TP + FP + FN) of its matched group; the mean runs over classes present
     in the ground truth or predicted (union > 0), so classes absent from a small evaluation set do
     not count as 0 or 1. Pixel accuracy = matched pixels / all non-ignored pixels.
+
+    Because the strict one-to-one score cannot tell a model that splits a class over several
+    prototypes (expected when K > C, e.g. K=256 or the toy demo's K=16 for 6 classes) from one
+    that mixes classes, the many-to-one scores (:func:`majority_mapping`) are returned as well,
+    as ``miou_majority`` / ``pacc_majority``; they equal the Hungarian ones when K == C and the
+    groups are pure. The paper's Table 5 numbers are the one-to-one ones.
     """
     confusion = np.asarray(confusion, dtype=np.int64)
     if mapping is None:
         mapping = hungarian_match(confusion)
-    num_classes = confusion.shape[1]
-    total = int(confusion.sum())
-    gt_count = confusion.sum(axis=0)
-    tp = np.zeros(num_classes, dtype=np.int64)
-    pred_count = np.zeros(num_classes, dtype=np.int64)
-    for g, c in enumerate(mapping):
-        if c >= 0:
-            tp[c] += confusion[g, c]
-            pred_count[c] += confusion[g].sum()
-    union = gt_count + pred_count - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    valid = union > 0
+    miou, pacc, iou = _scores_for_mapping(confusion, mapping)
+    major = majority_mapping(confusion)
+    miou_m, pacc_m, _ = _scores_for_mapping(confusion, major)
     return {
-        "miou": float(np.mean(iou[valid])) if valid.any() else float("nan"),
-        "pacc": float(tp.sum() / total) if total else float("nan"),
+        "miou": miou,
+        "pacc": pacc,
         "iou_per_class": [None if np.isnan(v) else float(v) for v in iou],
         "mapping": mapping.tolist(),
-        "num_pixels": total,
+        "miou_majority": miou_m,
+        "pacc_majority": pacc_m,
+        "majority_mapping": major.tolist(),
+        "num_pixels": int(confusion.sum()),
     }
 
 

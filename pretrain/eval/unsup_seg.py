@@ -3,7 +3,7 @@
 Each pixel takes the prototype of highest teacher assignment (``method.assign``, upsampled
 bilinearly to the label resolution, 320 px in the paper); predicted groups are matched once, over
 the whole dataset, to the ground-truth classes with the Hungarian algorithm; mIoU and pixel accuracy
-follow. With K != C see :func:`pretrain.eval.metrics.matched_scores` for how unmatched groups count.
+follow. Many-to-one scores are reported beside them. With K != C see :func:`pretrain.eval.metrics.matched_scores` for how unmatched groups count.
 
 The same function scores a randomly initialised network (``load_method(..., random_init=True)``):
 its ``assign`` uses random prototypes, the untrained analogue the demo compares against.
@@ -31,7 +31,8 @@ def evaluate_unsup_seg(method: nn.Module, dataset: Dataset, *, batch_size: int =
             ``class_names`` attributes), e.g. :class:`CocoStuff27` or :class:`ToySemantic`.
 
     Returns:
-        ``{"miou", "pacc"}`` in percent, ``iou_per_class`` (percent, by class name, ``None`` for
+        ``{"miou", "pacc"}`` in percent (one-to-one Hungarian: the paper's protocol),
+        ``{"miou_majority", "pacc_majority"}`` (many-to-one, informative when K > C), ``iou_per_class`` (percent, by class name, ``None`` for
         classes absent from the set), ``num_prototypes``, ``num_classes``, ``num_images``,
         ``num_pixels``, ``mapping`` (prototype -> class index or -1), ``used_prototypes`` (how
         many prototypes won at least one pixel).
@@ -59,6 +60,8 @@ def evaluate_unsup_seg(method: nn.Module, dataset: Dataset, *, batch_size: int =
     return {
         "miou": 100.0 * r["miou"],
         "pacc": 100.0 * r["pacc"],
+        "miou_majority": 100.0 * r["miou_majority"],
+        "pacc_majority": 100.0 * r["pacc_majority"],
         "iou_per_class": {nm: (None if v is None else 100.0 * v) for nm, v in zip(names, r["iou_per_class"])},
         "num_prototypes": int(meter.num_pred),
         "num_classes": num_classes,
