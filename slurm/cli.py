@@ -68,10 +68,18 @@ def cmd_transfer(a: argparse.Namespace) -> int:
         opts.setdefault(k, []).extend(v.split())
     r = resources_from_args(a)
     subs = submit_transfer(a.source, tasks, r, after=a.after, data_root=roots, configs=configs, opts=opts)
+    failed = 0
     if a.wait:
         for s in subs:
-            _wait(s["job"], s)
-    return 0
+            try:
+                _wait(s["job"], s)
+                print(f"{s['extra']['task']}: done -> {s['extra']['metrics']}")
+            except Exception as e:  # noqa: BLE001 - report every task, then fail
+                failed += 1
+                last = str(e).strip().splitlines()
+                print(f"{s['extra']['task']}: FAILED (job {s['job_id']}): {last[-1] if last else e}; logs: {s['logs'][0]}",
+                      file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_status(a: argparse.Namespace) -> int:
