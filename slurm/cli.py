@@ -76,8 +76,8 @@ def cmd_transfer(a: argparse.Namespace) -> int:
                 print(f"{s['extra']['task']}: done -> {s['extra']['metrics']}")
             except Exception as e:  # noqa: BLE001 - report every task, then fail
                 failed += 1
-                last = str(e).strip().splitlines()
-                print(f"{s['extra']['task']}: FAILED (job {s['job_id']}): {last[-1] if last else e}; logs: {s['logs'][0]}",
+                errs = [x.strip() for x in str(e).splitlines() if "Error:" in x] or [str(e)]
+                print(f"{s['extra']['task']}: FAILED (job {s['job_id']}): {errs[-1]}\n  logs: {s['logs'][0]}",
                       file=sys.stderr)
     return 1 if failed else 0
 
