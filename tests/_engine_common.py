@@ -40,9 +40,11 @@ def child_env() -> dict:
 
 
 def launch(overrides: list[str]) -> subprocess.Popen:
-    """``python -m pretrain`` in a subprocess (its own process, so signals hit only it)."""
+    """``python -m pretrain`` in a subprocess, in its own session so that ``os.killpg`` reaches it and
+    its data-loader workers together (as SLURM signals every process of a job step)."""
     return subprocess.Popen([PY, "-m", "pretrain", *overrides], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 #: Process exit codes of ``python -m pretrain`` (sysexits.h values where one fits).
 EXIT_OK = 0  # training finished
 EXIT_CONFIG = 64  # EX_USAGE: bad config / command line
 EXIT_NONFINITE = 65  # EX_DATAERR: NaN/Inf loss; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; re-run to resume
+
+#: The signals that request a checkpoint and a clean exit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _stop = threading.Event()
 _received: list[str] = []
@@ -44,7 +49,7 @@ def _handler(signum, _frame) -> None:
     request_stop(signal.Signals(signum).name)
 
 
-def install_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> dict[int, object]:
+def install_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> dict[int, object]:
     """Install the stop handler (main thread only); returns the previous handlers for :func:`restore_handlers`."""
     previous: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
@@ -59,5 +64,34 @@ def restore_handlers(previous: dict[int, object]) -> None:
         signal.signal(s, h)  # type: ignore[arg-type]
 
 
-__all__ = ["EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "request_stop", "stop_requested",
+@contextmanager
+def signals_blocked(signals: tuple[int, ...] = STOP_SIGNALS):
+    """Block the stop signals in this thread; pending ones are delivered on exit.
+
+    Processes forked meanwhile inherit the blocked mask. That is the point: SLURM signals every
+    process of a job step, and PyTorch's DataLoader workers install a C handler that dies on
+    SIGTERM, which the main process would then report as a crashed worker in the middle of its
+    graceful stop. Workers forked with the signals blocked never act on them and still exit
+    through the loader's own shutdown (done event, parent watchdog).
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def shield_workers(batches: Iterable) -> Iterator:
+    """Iterate ``batches`` with the stop signals blocked inside each ``next()`` (where loader workers start)."""
+    it = iter(batches)
+    while True:
+        with signals_blocked():
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+__all__ = ["STOP_SIGNALS", "signals_blocked", "shield_workers", "EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "request_stop", "stop_requested",
            "stop_reason", "clear_stop", "install_handlers", "restore_handlers"]

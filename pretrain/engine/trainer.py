@@ -29,7 +29,7 @@ from pretrain.engine.distributed import DistEnv, all_reduce, barrier, maybe_sync
 from pretrain.engine.logging import TBWriter, memory_mb, setup_text_log, slot_picture
 from pretrain.engine.optim import build_optimizer, set_lr
 from pretrain.engine.schedules import lr_at, momentum_at, peak_lr
-from pretrain.engine.signals import stop_reason, stop_requested
+from pretrain.engine.signals import shield_workers, stop_reason, stop_requested
 
 log = logging.getLogger("pretrain")
 
@@ -212,7 +212,7 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: TrainHooks | None = None) -> T
             epoch_sums: dict[str, float] = {}
             epoch_steps = 0
             t_end = time.perf_counter()
-            for batch in loader.iter_from(step_in_epoch):
+            for batch in shield_workers(loader.iter_from(step_in_epoch)):
                 t_start = time.perf_counter()
                 momentum = momentum_at(step, total_steps, cfg.model.teacher_momentum)
                 lr = lr_at(step, total_steps, warmup_steps, lr_peak, oc.min_lr)
@@ -314,10 +314,29 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: TrainHooks | None = None) -> T
                 return _finish(cfg, method, run_dir, is_main, "max_steps", step, epoch, history)
         return _finish(cfg, method, run_dir, is_main, status, step, epoch, history)
     finally:
+        _close_loader(loader)
         if bar is not None:
             bar.close()
         tb.close()
         metrics.close()
+
+
+def _close_loader(loader) -> None:
+    """Shut the loader's worker processes down now rather than at interpreter exit.
+
+    Workers are forked with the stop signals blocked (``shield_workers``), so the SIGTERM that
+    ``multiprocessing`` sends them at exit would not end them; the loader's own shutdown (done
+    event) does. Uses ``loader.close()`` where the loader has one, else the PyTorch iterator's.
+    """
+    close = getattr(loader, "close", None)
+    if callable(close):
+        close()
+        return
+    dl = getattr(loader, "loader", None)
+    it = getattr(dl, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        dl._iterator = None
 
 
 def _agree_stop() -> bool:
