@@ -152,3 +152,9 @@ def test_omegaconf_config_is_accepted(tmp_path):
     node = OmegaConf.structured(geometric_cfg(tmp_path / "imgs", image_size=8))
     batch = next(iter(_loader(node, bs=1)))
     assert batch["view1"].shape == (1, 3, 8, 8)
+
+
+def test_too_few_images_for_a_batch(tmp_path):
+    coord_image(tmp_path / "imgs" / "a.png", size=16)
+    with pytest.raises(ValueError, match="fewer than the per-rank batch size 4"):
+        _loader(geometric_cfg(tmp_path / "imgs"), bs=4)

@@ -25,6 +25,9 @@ class EpochOrder:
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.drop_last = int(seed), drop_last
         self.num_samples = math.ceil(n / world_size)
+        if drop_last and self.num_samples < batch_size:
+            raise ValueError(f"{n} images over {world_size} rank(s) give {self.num_samples} per rank, fewer than "
+                             f"the per-rank batch size {batch_size}: an epoch would have no step")
 
     def indices(self, epoch: int) -> list[int]:
         g = torch.Generator()
