@@ -13,11 +13,13 @@ from slurm.distenv import export_distributed_env
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # pretrain.engine.signals.EXIT_PREEMPTED (EX_TEMPFAIL)
-
 
 class PretrainJob(submitit.helpers.Checkpointable):
-    """Runs ``pretrain.train.main([config, *overrides, train.run_dir=...])`` in each task.
+    """Runs ``pretrain.train.run(load_config(config, [*overrides, train.run_dir=...]))`` in each task.
+
+    Every task exports torch's env:// variables first (:func:`slurm.distenv.export_distributed_env`);
+    the engine then joins the process group (NCCL on GPUs, gloo on CPU). See :mod:`slurm.preemption`
+    for what happens on USR2 (time limit) and SIGTERM (preemption, ``scontrol requeue``).
 
     The run directory is ``<output_root>/<name>_<job id>`` (a requeued SLURM job keeps its id,
     hence its directory and checkpoints) unless ``run_dir`` is given (continue an older run).
@@ -44,6 +46,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from pretrain.config import load_config
+        from pretrain.engine.signals import EXIT_PREEMPTED
         from pretrain.train import run
 
         env = submitit.JobEnvironment()
