@@ -43,12 +43,12 @@ def run(cfg: PretrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     import torch.distributed as dist
 
     created = not (dist.is_available() and dist.is_initialized())
-    clear_stop()
     previous = install_handlers()
     try:
         env = init_distributed(cfg.train.device)
         return fit(cfg, env, hooks)
     finally:
+        clear_stop()  # a stop request ends this run only, never the next one in the same process
         restore_handlers(previous)
         if created:
             cleanup()

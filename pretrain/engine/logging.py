@@ -12,6 +12,19 @@ from torch import Tensor
 log = logging.getLogger("pretrain")
 
 
+class _TqdmStream(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so log lines do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_text_log(run_dir: Path | None, is_main: bool) -> None:
     """``pretrain`` logger to stderr and ``run_dir/log.txt`` (rank 0; other ranks: warnings only)."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -20,7 +33,7 @@ def setup_text_log(run_dir: Path | None, is_main: bool) -> None:
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = _TqdmStream(sys.stderr)
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if is_main and run_dir is not None:
