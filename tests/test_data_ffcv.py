@@ -31,7 +31,8 @@ def coord_setup(tmp_path_factory):
     write_beton(dataset_files("folder", root), beton, max_resolution=None, write_mode="raw", num_workers=1)
     cfg = geometric_cfg(root, loader="ffcv", ffcv_path=str(beton), num_workers=2)
     loader = build_pretrain_loader(cfg, 4, rank=0, world_size=1, seed=9, device=CPU)
-    return root, cfg, loader
+    yield root, cfg, loader
+    loader.close()
 
 
 def test_ffcv_views_show_their_boxes(coord_setup):

@@ -102,6 +102,9 @@ def test_resume_and_determinism(tmp_path):
     torch.testing.assert_close(first["view1"], full[0]["view1"], rtol=0, atol=0)
     again.set_epoch(3)
     assert not torch.equal(next(iter(again))["view1"], full[0]["view1"])
+    again.close()
+    loader.close()
+    assert loader.loader._iterator is None
     # the photometric augmentations are on: views of one image differ beyond the crop
     assert full[0]["view1"].std() > 0.3
 

@@ -271,3 +271,10 @@ class FFCVPretrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.iter_from(0)
+
+    def close(self) -> None:
+        """Stop the decoding thread and the augmentation threads."""
+        self._stop_live()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

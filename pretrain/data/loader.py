@@ -131,6 +131,13 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.iter_from(0)
 
+    def close(self) -> None:
+        """Shut the persistent worker processes down now (not at interpreter exit)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
 
 def _checked(cfg) -> DataConfig:
     """A plain :class:`DataConfig` (an OmegaConf node is converted), with ranges checked."""
