@@ -103,3 +103,5 @@ def test_stop_request_mid_epoch_then_resume_matches(toy, tmp_path, full_run):
     for got, want in zip(res.history + res2.history, ref.history):
         for k in ("loss", "loss_group", "loss_slot", "lr", "teacher_momentum"):
             assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-7), (got["step"], k)
+    res3 = run(cfg)  # a finished run restarted does no more steps
+    assert res3.status == "finished" and res3.step == 8 and res3.history == []

@@ -204,6 +204,8 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: TrainHooks | None = None) -> T
     if step_in_epoch >= steps_per_epoch:
         epoch, step_in_epoch = epoch + 1, 0
     try:
+        if tc.max_steps and step >= tc.max_steps:  # restarted after reaching max_steps: nothing to do
+            return _finish(cfg, method, run_dir, is_main, "max_steps", step, epoch, history)
         while epoch < tc.epochs:
             loader.set_epoch(epoch)
             method.train()
