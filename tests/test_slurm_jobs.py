@@ -106,6 +106,13 @@ def test_two_tasks_pretrain_same_steps(chain):
     # The logged losses are all-reduced over the ranks: identical on both.
     assert [r["loss"] for r in r0] == [r["loss"] for r in r1]
     assert (run_dir / "checkpoints" / f"ckpt_{2 * STEPS_PER_EPOCH:08d}.pth").is_file()
+    # The dry run prints exactly the script that submission wrote.
+    from slurm.launch import sbatch_script
+
+    folder = Path(registry.load(run_dir)["jobs"][0]["submitit_folder"])
+    written = (folder / f"{chain['pre']['job_id']}_submission.sh").read_text()
+    r = Resources(nodes=1, tasks_per_node=2, time_min=10, signal_delay_s=30, job_name="demo_cpu")
+    assert sbatch_script(folder, r) == written
     jobs = registry.load(run_dir)["jobs"]
     assert [j["kind"] for j in jobs] == ["pretrain", "transfer"]
     assert jobs[0]["job_id"] == chain["pre"]["job_id"] and run_dir.name.endswith(f"_{jobs[0]['job_id']}")
