@@ -67,7 +67,18 @@ class TwoViewDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
+        if torch.utils.data.get_worker_info() is not None:
+            return self._sample(*key)
+        # In the main process (num_workers=0): one sample's tensors are tiny, and intra-op threads
+        # only add synchronisation (badly so on a busy machine), so run them single-threaded.
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._sample(*key)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _sample(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         arr, used, skipped = load_valid(self.files, index)
         img = Image.fromarray(arr)
         pair = draw_pair(self.cfg, self.seed, epoch, index, arr.shape[0], arr.shape[1])
