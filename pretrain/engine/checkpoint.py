@@ -148,3 +148,19 @@ def export_teacher_backbone(checkpoint: str | Path, out: str | Path) -> Path:
 
 __all__ = ["atomic_save", "rng_state", "set_rng_state", "checkpoint_path", "list_checkpoints", "load_checkpoint",
            "find_latest", "prune", "save_checkpoint", "export_backbone", "export_teacher_backbone"]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m pretrain.engine.checkpoint CKPT OUT``: export the teacher backbone of a checkpoint."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.engine.checkpoint", description=_main.__doc__)
+    p.add_argument("checkpoint", help="a training checkpoint (runs/<name>/checkpoints/ckpt_*.pth)")
+    p.add_argument("out", help="output file, e.g. teacher_backbone.pth")
+    a = p.parse_args(argv)
+    print(export_teacher_backbone(a.checkpoint, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
