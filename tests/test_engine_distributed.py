@@ -14,7 +14,7 @@ from torch import nn
 from pretrain.config import load_config
 from pretrain.engine.distributed import expand_nodelist, export_slurm_env, per_rank_batch
 from pretrain.engine.trainer import TrainHooks
-from pretrain.train import run
+from pretrain.train import request_checkpoint_and_exit, run
 from tests._engine_common import make_toy, tiny_overrides
 
 
@@ -32,7 +32,8 @@ def bn_eval(method: nn.Module) -> None:
             m.eval()
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str, frozen_bn: bool) -> None:
+def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str, frozen_bn: bool,
+            stop_rank1_at: int = -1) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -44,7 +45,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str
         if frozen_bn:
             bn_eval(method)
 
-    res = run(cfg, TrainHooks(on_model=on_model))
+    def on_step(step: int, row: dict) -> None:
+        if rank == 1 and step == stop_rank1_at:  # e.g. SIGTERM reaching one node first
+            request_checkpoint_and_exit("test: rank 1 only")
+
+    res = run(cfg, TrainHooks(on_model=on_model, on_step=on_step))
     method = captured[0]
     # Fingerprints of this rank's final weights and buffers: DDP must keep the ranks identical.
     prints = {name: float(sum(p.double().sum() for p in getattr(method, name).parameters()))
@@ -54,8 +59,9 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str
                                                             "weights": prints}))
 
 
-def _spawn(overrides: list[str], out_dir: Path, frozen_bn: bool) -> list[dict]:
-    mp.spawn(_worker, args=(2, _free_port(), overrides, str(out_dir), frozen_bn), nprocs=2, join=True)
+def _spawn(overrides: list[str], out_dir: Path, frozen_bn: bool, stop_rank1_at: int = -1) -> list[dict]:
+    mp.spawn(_worker, args=(2, _free_port(), overrides, str(out_dir), frozen_bn, stop_rank1_at), nprocs=2,
+             join=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -78,6 +84,18 @@ def test_two_ranks_train_in_sync(toy, tmp_path):
     assert state["step"] == 3 and state["step_in_epoch"] == 3
     # only rank 0 writes the run dir's logs
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_stop_on_one_rank_stops_all_at_the_same_step(toy, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(toy, run_dir, **{"train.checkpoint_every_steps": 0})
+    r0, r1 = _spawn(overrides, tmp_path, frozen_bn=False, stop_rank1_at=0)
+    # rank 1's request after step 0 enters the all-reduced flag of step 1: both stop after it
+    assert r0["status"] == r1["status"] == "preempted"
+    assert [h["step"] for h in r0["history"]] == [h["step"] for h in r1["history"]] == [0, 1]
+    assert r0["weights"] == r1["weights"]
+    state = torch.load(run_dir / "checkpoints" / "ckpt_00000002.pth", weights_only=True)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2)
 
 
 @pytest.mark.slow
