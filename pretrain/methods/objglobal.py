@@ -48,7 +48,7 @@ class ObjGlobal(nn.Module):
             raise ValueError("model.grouping: the objglobal method needs slot_attention, qsa or softargmax")
         self.cfg = cfg
         d, h = cfg.dim_out, cfg.dim_hidden
-        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual)
+        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool)
         self.projector = Projector(self.encoder.num_features, h, d)
         self.grouping = grouping_module(cfg, d)
         self.object_head = Predictor(d, h, d)  # s_i -> p_i (Sec. 2.1, "Projection heads")

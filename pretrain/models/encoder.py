@@ -19,7 +19,7 @@ _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
 class ResNetEncoder(ResNet):
     """torchvision ResNet returning the last feature map ``(B, num_features, H/32, W/32)``."""
 
-    def __init__(self, arch: str = "resnet50", zero_init_residual: bool = False) -> None:
+    def __init__(self, arch: str = "resnet50", zero_init_residual: bool = False, stem_pool: bool = True) -> None:
         if arch not in _ARCHS:
             raise ValueError(f"model.arch: unknown architecture {arch!r}; expected one of {sorted(_ARCHS)}")
         block, layers = _ARCHS[arch]
@@ -29,15 +29,22 @@ class ResNetEncoder(ResNet):
         # No classifier: dropping the modules keeps them out of the state dict and the optimiser.
         del self.avgpool
         del self.fc
+        if not stem_pool:
+            # Output stride 16 instead of 32 for small (toy) images: the max-pool has no parameters, so the
+            # state dict and its conversion are unchanged.
+            self.maxpool = torch.nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def build_encoder(arch: str, zero_init_residual: bool = False) -> ResNetEncoder:
-    """Build a randomly initialised ResNet-18/34/50 encoder (torchvision initialisation)."""
-    return ResNetEncoder(arch, zero_init_residual=zero_init_residual)
+def build_encoder(arch: str, zero_init_residual: bool = False, stem_pool: bool = True) -> ResNetEncoder:
+    """Build a randomly initialised ResNet-18/34/50 encoder (torchvision initialisation).
+
+    ``stem_pool=False`` drops the stem's max-pool (output stride 16), for the small images of the CPU demo.
+    """
+    return ResNetEncoder(arch, zero_init_residual=zero_init_residual, stem_pool=stem_pool)
 
 
 __all__ = ["ResNetEncoder", "build_encoder"]
