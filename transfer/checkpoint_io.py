@@ -72,6 +72,19 @@ def infer_arch(state: dict[str, torch.Tensor]) -> str:
     raise CheckpointError(f"the encoder's layout ({kind} blocks per stage {blocks}) is no known ResNet")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory resolves to its newest checkpoint that loads (the teacher's latest state); a file is itself."""
+    path = Path(path)
+    if path.is_dir():
+        from pretrain.engine.checkpoint import find_latest
+
+        found = find_latest(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+        if found is None:
+            raise CheckpointError(f"{path} is a directory without a loadable checkpoint in {path / 'checkpoints'}")
+        return found[0]
+    return path
+
+
 def _read(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -159,7 +172,7 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
     """Read the teacher encoder of ``path`` and verify it key by key.
 
     Args:
-        path: full pretraining checkpoint or exported backbone.
+        path: full pretraining checkpoint, exported backbone, or a run directory (its newest good checkpoint).
         arch: the depth the caller requires (e.g. ``"resnet50"``); ``None`` accepts the checkpoint's.
 
     Returns:
@@ -170,7 +183,7 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
         CheckpointError: unreadable file, no encoder, a layout that is no ResNet, a declared arch that
         disagrees with the tensors, or an arch other than the requested one.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     state, declared = extract_teacher_encoder(_read(path), str(path))
     found = infer_arch(state)
     if declared is not None and declared != found:
