@@ -32,13 +32,14 @@ def _run(cmd: list[str], log: Path, timings: dict[str, float], name: str) -> Non
     """Run one step as a subprocess, teeing its output to ``log``; stop the demo if it fails."""
     print(f"\n==> [{name}] {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            # Progress bars redraw with \r: show the step's own lines, keep the full output in the log.
-            sys.stdout.write(line)
+        # Raw chunks, not lines: progress bars redraw in place with \r and stay one line on the terminal.
+        while chunk := proc.stdout.read1(65536):
+            f.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
         rc = proc.wait()
     timings[name] = time.perf_counter() - t0
     if rc != 0:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             make_voc(voc_root, n_train=16, n_aug=16, n_val=8, size=64)
         _run([py, "-m", "transfer.segmentation", "--config", "configs/segmentation/fcn_d6_r50-d16_voc12aug_smoke.py",
               "--weights", str(mmseg_weights), "--data-root", str(voc_root / "VOCdevkit" / "VOC2012"),
-              "--work-dir", str(seg_dir)], logs / "mmseg.log", timings, "mmseg")
+              "--work-dir", str(seg_dir), "model.backbone.depth=18", "model.decode_head.in_channels=512"],
+             logs / "mmseg.log", timings, "mmseg")
     timings["total"] = time.perf_counter() - t_start
 
     # 7. summary
