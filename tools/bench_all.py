@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
              "Times are medians measured side by side in one run; these machines are noisy, so compare ratios.", ""]
     for title, path, _, _ in SECTIONS:
         f = ROOT / path
-        parts += [f"## {title}", "", f.read_text().strip() if f.exists() else "_not run yet_", ""]
+        body = f.read_text().strip() if f.exists() else "_not run yet_"
+        # Each table file may start with its own '# title'; the section heading replaces it.
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("# "))
+        parts += [f"## {title}", "", body.strip(), ""]
     demo = ROOT / "bench" / "demo.md"
     parts += ["## The CPU demo's wall time", "", demo.read_text().strip() if demo.exists() else "_not run yet_", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
