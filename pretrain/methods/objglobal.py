@@ -23,7 +23,7 @@ from ..losses.object_losses import OBJECT_LOSSES, match_slots, object_loss
 from ..models.encoder import build_encoder
 from ..models.grouping import GroupingOutput
 from ..models.heads import Predictor, Projector
-from ..models.teacher import ema_update_, make_teacher
+from ..models.teacher import ema_update_modules_, make_teacher
 from .config import ModelConfig
 from .groupings import grouping_module
 from .registry import register_method
@@ -74,11 +74,7 @@ class ObjGlobal(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA step ξ <- m ξ + (1 - m) θ over every teacher part (called before the forward pass)."""
-        teacher, student = [], []
-        for t, s in self._ema_pairs():
-            teacher.extend(t.parameters())
-            student.extend(s.parameters())
-        ema_update_(teacher, student, momentum)
+        ema_update_modules_(self._ema_pairs(), momentum)
 
     def teacher_backbone(self) -> nn.Module:
         """The teacher encoder (torchvision ResNet keys, no fc): what transfer uses."""

@@ -14,7 +14,7 @@ from ..losses.slot_contrast import active_mask, slot_contrastive_loss
 from ..models.encoder import build_encoder
 from ..models.grouping import resample_shared_noise
 from ..models.heads import Predictor, Projector
-from ..models.teacher import ema_update_, make_teacher
+from ..models.teacher import ema_update_modules_, make_teacher
 from .config import ModelConfig
 from .registry import build_grouping, register_method
 
@@ -55,13 +55,8 @@ class SlotCon(nn.Module):
         """ξ <- m ξ + (1 - m) θ for encoder, projector and prototypes (Sec. 3.3).
 
         Called by the engine at the start of each step, before the forward pass (recipe).
-        Parameter lists are rebuilt each call so the update survives SyncBN conversion.
         """
-        teacher, student = [], []
-        for t, s in self._ema_pairs():
-            teacher.extend(t.parameters())
-            student.extend(s.parameters())
-        ema_update_(teacher, student, momentum)
+        ema_update_modules_(self._ema_pairs(), momentum)
 
     def teacher_backbone(self) -> nn.Module:
         """The teacher encoder f_ξ (torchvision ResNet keys, no fc): what transfer uses."""

@@ -39,4 +39,18 @@ def ema_update_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor]
     torch._foreach_lerp_(t_list, [s.detach() for s in s_list], 1.0 - momentum)
 
 
-__all__ = ["teacher_momentum", "make_teacher", "ema_update_"]
+@torch.no_grad()
+def ema_update_modules_(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """:func:`ema_update_` over ``(teacher, student)`` module pairs, as one fused update.
+
+    Parameter lists are rebuilt on each call so the update survives SyncBN conversion.
+    """
+    teacher: list[torch.Tensor] = []
+    student: list[torch.Tensor] = []
+    for t, s in pairs:
+        teacher.extend(t.parameters())
+        student.extend(s.parameters())
+    ema_update_(teacher, student, momentum)
+
+
+__all__ = ["teacher_momentum", "make_teacher", "ema_update_", "ema_update_modules_"]
