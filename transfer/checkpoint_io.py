@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -139,6 +140,14 @@ def extract_teacher_encoder(ckpt: object, source: str = "<checkpoint>") -> tuple
     )
 
 
+def key_shape_diff(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, wrong_shape)`` keys of ``state`` (tensors or arrays) against ``expected`` shapes, sorted."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    return missing, unexpected, wrong_shape
+
+
 def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
     """Check ``state`` is exactly torchvision's ``arch`` (no fc); return it without BN counters.
 
@@ -146,13 +155,8 @@ def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str =
     """
     expected = expected_resnet_shapes(arch)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad_shape = sorted(
-        f"{k}: {tuple(state[k].shape)} != {expected[k]}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != expected[k]
-    )
+    missing, unexpected, wrong = key_shape_diff(state, expected)
+    bad_shape = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in wrong]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer.checkpoint_io import RESNET_LAYOUT, CheckpointError, depth_of, expected_resnet_shapes, state_checksum
+from transfer.checkpoint_io import (
+    RESNET_LAYOUT, CheckpointError, depth_of, expected_resnet_shapes, key_shape_diff, state_checksum,
+)
 
 AUTHOR = "objcentric-pretrain (teacher encoder)"
 
@@ -87,9 +89,7 @@ def to_detectron2(state: dict[str, torch.Tensor], arch: str) -> dict[str, np.nda
             raise CheckpointError(f"two source keys map to the Detectron2 key {new!r} (second: {k!r})")
         out[new] = v.detach().cpu().float().numpy()
     expected = expected_d2_shapes(arch)
-    missing = sorted(set(expected) - set(out))
-    extra = sorted(set(out) - set(expected))
-    bad = sorted(k for k in set(out) & set(expected) if tuple(out[k].shape) != expected[k])
+    missing, extra, bad = key_shape_diff(out, expected)
     if missing or extra or bad:
         raise CheckpointError(
             f"conversion to Detectron2 {arch} failed verification: missing {missing[:5]} ({len(missing)}), "

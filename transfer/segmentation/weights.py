@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer.checkpoint_io import CheckpointError, depth_of, load_teacher_encoder, state_checksum
+from transfer.checkpoint_io import CheckpointError, depth_of, key_shape_diff, load_teacher_encoder, state_checksum
 
 from . import compat  # noqa: F401  (mmcv.ops placeholder before mmseg is imported)
 
@@ -71,10 +71,8 @@ def to_mmseg_state(state: dict[str, torch.Tensor], arch: str, source: str = "<ch
 
 def compare_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str:
     """'' if ``state`` has exactly ``expected``'s keys and shapes, else a message naming the differences."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad = sorted(f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in set(state) & set(expected)
-                 if tuple(state[k].shape) != expected[k])
+    missing, unexpected, wrong = key_shape_diff(state, expected)
+    bad = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in wrong]
     parts = []
     if missing:
         parts.append(f"{len(missing)} backbone keys missing (would stay random), e.g. {missing[:5]}")
