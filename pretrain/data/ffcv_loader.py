@@ -12,8 +12,10 @@ How it works (DESIGN.md, FFCV facts):
   once instead of running one decoder per view halves the JPEG work, the dominant cost.
 - The epoch reaches the jitted decoder through a small array read by address (numba freezes
   captured arrays at compile time), so nothing is recompiled per epoch.
-- Flips, the BYOL photometric augmentations and normalisation run batch-wise with torch on
-  ``device`` (pretrain/data/photometric.py, the PIL path's implementation).
+- Flips, the BYOL photometric augmentations and normalisation: on a GPU batch-wise with torch
+  on the device (pretrain/data/photometric.py); on the CPU per image with OpenCV on a few
+  threads (pretrain/data/photometric_cpu.py, as the PIL path), written into the batch tensors.
+  Both implementations take the same per-sample parameters and agree to float precision.
 - Order: this project's :class:`~pretrain.data.loader.EpochOrder` (DistributedSampler semantics,
   ``iter_from``) replaces FFCV's traversal order.
 
@@ -29,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numba
+import cv2
 import numpy as np
 import torch
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
@@ -47,7 +50,7 @@ from numba.extending import intrinsic
 from .config import DataConfig
 from .crops import N_PAIR, intersection_boxes, sample_crop_pair, sample_key
 from .loader import BadImageTracker, EpochOrder
-from .two_view import RATIO, finish_views
+from .two_view import RATIO, finish_views, finish_views_cpu
 
 
 @intrinsic
@@ -193,6 +196,10 @@ class FFCVPretrainLoader:
         self._live = None
         nthreads = max(1, int(cfg.num_workers))
         self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="ffcv-aug") if nthreads > 1 else None
+        if self.device.type == "cpu":
+            # the augmentation threads already split the batch over the cores; OpenCV's own
+            # threads inside each call would oversubscribe them
+            cv2.setNumThreads(1)
 
     @property
     def bad_images(self) -> int:
@@ -217,17 +224,34 @@ class FFCVPretrainLoader:
             except queue.Empty:
                 pass
 
-    def _augment(self, x: torch.Tensor, requested: list[int], view: int) -> torch.Tensor:
-        """Photometric augmentations of a batch. On the GPU: one batched call. On the CPU: chunks on
-        a few threads (torch releases the GIL), as the PIL path spreads them over its workers."""
-        if self.device.type != "cpu" or self._pool is None or len(requested) < 2:
-            return finish_views(x, self.cfg, self.seed, self.epoch, requested, view)
-        k = self._pool._max_workers
-        bounds = np.linspace(0, len(requested), k + 1).astype(int)
-        parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        futures = [self._pool.submit(finish_views, x[a:b], self.cfg, self.seed, self.epoch, requested[a:b], view)
-                   for a, b in parts]
-        return torch.cat([f.result() for f in futures])
+    def _views_cpu(self, raw: np.ndarray, flips: np.ndarray, requested: list[int]) -> list[torch.Tensor]:
+        """Both views on the CPU: OpenCV per image (photometric_cpu.py), chunks of the batch on the
+        augmentation threads (OpenCV releases the GIL), written straight into the batch tensors."""
+        bsz, s = raw.shape[0], raw.shape[2]
+        views = [torch.empty((bsz, 3, s, s)) for _ in (0, 1)]
+        k = self._pool._max_workers if self._pool is not None else 1
+        bounds = np.linspace(0, bsz, k + 1).astype(int)
+        jobs = [(raw[a:b, v], flips[a:b, v], self.cfg, self.seed, self.epoch, requested[a:b], v, views[v].numpy()[a:b])
+                for v in (0, 1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if self._pool is None:
+            for job in jobs:
+                finish_views_cpu(*job)
+        else:
+            for f in [self._pool.submit(finish_views_cpu, *job) for job in jobs]:
+                f.result()
+        return views
+
+    def _views_device(self, raw: np.ndarray, flips: np.ndarray, requested: list[int]) -> list[torch.Tensor]:
+        """Both views on an accelerator: uint8 crops to the device, flips and photometric
+        augmentations batched there (photometric.py)."""
+        dev = self.device
+        x = torch.from_numpy(raw).to(dev, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B,2,3,S,S)
+        views = []
+        for v in (0, 1):
+            f = torch.from_numpy(flips[:, v]).to(dev).view(-1, 1, 1, 1)
+            xv = torch.where(f, x[:, v].flip(-1), x[:, v]).contiguous()
+            views.append(finish_views(xv, self.cfg, self.seed, self.epoch, requested, v))
+        return views
 
     def _batch(self, crops, pairs, index, skipped) -> dict[str, torch.Tensor]:
         dev = self.device
@@ -235,22 +259,17 @@ class FFCVPretrainLoader:
         skipped = torch.from_numpy(np.asarray(skipped).reshape(-1).copy())
         pairs = np.asarray(pairs).copy()
         requested = ((index - skipped) % self.num_images).tolist()
-        raw = torch.from_numpy(np.asarray(crops)).to(dev, non_blocking=True)  # (B,2,S,S,3) uint8
-        raw = raw.permute(0, 1, 4, 2, 3)
-        flips = torch.from_numpy(pairs[:, [4, 9]] > 0)
-        out = {}
-        for v in (0, 1):
-            x = raw[:, v]
-            f = flips[:, v].to(dev).view(-1, 1, 1, 1)
-            x = torch.where(f, x.flip(-1), x).contiguous()
-            out[f"view{v + 1}"] = self._augment(x, requested, v)
+        raw = np.asarray(crops)  # (B,2,S,S,3) uint8, FFCV's buffer: consumed before the next batch
+        flips = pairs[:, [4, 9]] > 0
+        views = (self._views_cpu if dev.type == "cpu" else self._views_device)(raw, flips, requested)
+        flips = torch.from_numpy(flips)
         b1, b2 = intersection_boxes(pairs)
-        out.update({
+        return {
+            "view1": views[0], "view2": views[1],
             "box1": torch.from_numpy(b1).to(dev), "box2": torch.from_numpy(b2).to(dev),
             "flip1": flips[:, 0].to(dev), "flip2": flips[:, 1].to(dev),
             "skipped": skipped.to(dev), "index": index.to(dev),
-        })
-        return out
+        }
 
     def iter_from(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """Iterate the current epoch from batch ``step`` on (exact resume inside an epoch)."""

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cv2
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,6 +67,7 @@ class _BatchSampler:
 def _worker_init(_: int) -> None:
     # Workers augment one sample at a time: intra-op threads would only oversubscribe the cores.
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 class BadImageTracker:

@@ -2,7 +2,8 @@
 
 One sample: decode (skipping undecodable files deterministically), draw a crop pair with the
 overlap rule (pretrain/data/crops.py), resize each crop bicubically to ``S x S``, flip, apply the
-BYOL photometric augmentations (pretrain/data/photometric.py), normalise, and compute the
+BYOL photometric augmentations (OpenCV per image, pretrain/data/photometric_cpu.py), normalise,
+and compute the
 intersection box in each view's own, post-flip, normalised coordinates (docs/contracts.md).
 All randomness comes from ``(seed, epoch, index)``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -20,6 +22,7 @@ from .config import DataConfig
 from .crops import N_PAIR, intersection_boxes, sample_crop_pair, sample_key
 from .datasets import load_valid
 from .photometric import apply_photometric, normalize, sample_photometric
+from .photometric_cpu import augment_image, params_numpy
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -38,20 +41,31 @@ def draw_pair(cfg: DataConfig, seed: int, epoch: int, index: int, height: int, w
     return out
 
 
-def crop_resize(img: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: bool) -> torch.Tensor:
+def crop_resize(img: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: bool) -> np.ndarray:
     """Bicubic resized crop of rows ``[i, i+h)`` and columns ``[j, j+w)`` to ``size``, then flip;
-    uint8 ``(3, size, size)``."""
+    uint8 ``(size, size, 3)``."""
     out = img.resize((size, size), Image.BICUBIC, box=(j, i, j + w, i + h))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def finish_views(raw: torch.Tensor, cfg: DataConfig, seed: int, epoch: int, indices: list[int], view: int) -> torch.Tensor:
-    """uint8 ``(B,3,S,S)`` crops -> augmented, normalised float32 views (both loader paths)."""
+    """uint8 ``(B,3,S,S)`` crops -> augmented, normalised float32 views, batched with torch on the
+    crops' device (the FFCV path on a GPU)."""
     params = sample_photometric(seed, epoch, indices, view, **photometric_kwargs(cfg, view))
     x = raw.float().div_(255.0)
     return normalize(apply_photometric(x, params)).float()
+
+
+def finish_views_cpu(crops: np.ndarray, flips: np.ndarray, cfg: DataConfig, seed: int, epoch: int,
+                     indices: list[int], view: int, out: np.ndarray) -> None:
+    """uint8 ``(B,S,S,3)`` crops -> flipped, augmented, normalised float32 views written into
+    ``out`` ``(B,3,S,S)``, one image at a time with OpenCV (both loader paths on the CPU)."""
+    p = params_numpy(sample_photometric(seed, epoch, indices, view, **photometric_kwargs(cfg, view)))
+    for i in range(len(indices)):
+        img = cv2.flip(crops[i], 1) if flips[i] else crops[i]
+        augment_image(img, p, i, out=out[i])
 
 
 class TwoViewDataset(Dataset):
@@ -83,12 +97,15 @@ class TwoViewDataset(Dataset):
         img = Image.fromarray(arr)
         pair = draw_pair(self.cfg, self.seed, epoch, index, arr.shape[0], arr.shape[1])
         s = self.cfg.image_size
-        v1 = crop_resize(img, *pair[0:4].tolist(), s, bool(pair[4]))
-        v2 = crop_resize(img, *pair[5:9].tolist(), s, bool(pair[9]))
+        views = []
+        for v in (0, 1):
+            crop = crop_resize(img, *pair[5 * v:5 * v + 4].tolist(), s, bool(pair[5 * v + 4]))
+            out = torch.empty((1, 3, s, s))
+            finish_views_cpu(crop[None], np.zeros(1, bool), self.cfg, self.seed, epoch, [index], v, out.numpy())
+            views.append(out[0])
         b1, b2 = intersection_boxes(pair)
         return {
-            "view1": finish_views(v1[None], self.cfg, self.seed, epoch, [index], 0)[0],
-            "view2": finish_views(v2[None], self.cfg, self.seed, epoch, [index], 1)[0],
+            "view1": views[0], "view2": views[1],
             "box1": torch.from_numpy(b1), "box2": torch.from_numpy(b2),
             "flip1": torch.tensor(bool(pair[4])), "flip2": torch.tensor(bool(pair[9])),
             "skipped": torch.tensor(skipped, dtype=torch.int64),
