@@ -20,7 +20,7 @@ SECTIONS = [
      ["tools/bench_slotcon.py", "--configs", "resnet18:64:8", "--steps", "2", "--warmup", "1",
       "--dim-hidden", "256", "--dim-out", "64", "--num-prototypes", "16", "--out", "bench/slotcon_overhead.md"]),
     ("Loader: FFCV vs PIL, two views with boxes at 224", "bench/loader.md",
-     ["tools/bench_loader.py", "--images", "256", "--repeats", "3", "--out", "bench/loader.md"],
+     ["tools/bench_loader.py", "--images", "512", "--repeats", "5", "--out", "bench/loader.md"],
      ["tools/bench_loader.py", "--images", "32", "--repeats", "1", "--out", "bench/loader.md"]),
     ("Two-rank DDP vs one rank (same per-rank batch) and peak memory per image", "bench/ddp_memory.md",
      ["tools/bench_ddp_memory.py", "--out", "bench/ddp_memory.md"],
