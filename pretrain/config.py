@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class OptimConfig:
     """Optimiser and learning-rate schedule (SlotCon Sec. 4.1; recipe details in DESIGN.md)."""
 
-    name: str = "lars"  # lars | sgd
+    name: str = "lars"  # lars | sgd | adamw
     base_lr: float = 1.0  # peak LR = base_lr * batch_size / 256 when scale_lr is true
     scale_lr: bool = True  # linear scaling rule (LearningRate = 1.0 x BatchSize/256)
     weight_decay: float = 1e-5
@@ -88,7 +88,7 @@ class PretrainConfig:
 
 
 _CHOICES = {
-    "optim.name": ("lars", "sgd"),
+    "optim.name": ("lars", "sgd", "adamw"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
 }

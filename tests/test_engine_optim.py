@@ -94,6 +94,14 @@ def test_sgd_option_has_no_decay_on_1d():
         build_optimizer(net, "adam", lr=0.1, weight_decay=0.0, momentum=0.9)
 
 
+def test_adamw_option_has_no_decay_on_1d_and_betas_from_momentum():
+    net = _net()
+    opt = build_optimizer(net, "adamw", lr=1e-3, weight_decay=0.04, momentum=0.9)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]
+    assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+
+
 def test_lr_schedule_at_chosen_steps():
     peak = peak_lr(1.0, 512)
     assert peak == 2.0

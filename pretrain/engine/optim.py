@@ -77,7 +77,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: float,
                     momentum: float, eta: float = 0.001) -> torch.optim.Optimizer:
-    """``lars`` (SlotCon Sec. 4.1) or ``sgd`` (momentum SGD, 1-D params without weight decay)."""
+    """``lars`` (SlotCon Sec. 4.1), ``sgd`` (momentum SGD) or ``adamw`` (DINO's optimiser, betas
+    (momentum, 0.999)); 1-D params get no weight decay in every case."""
     groups = param_groups(model, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
@@ -85,7 +86,11 @@ def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: flo
         for g in groups:
             g.pop("lars")
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"optim.name: unknown optimiser {name!r}; valid: lars, sgd")
+    if name == "adamw":
+        for g in groups:
+            g.pop("lars")
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"optim.name: unknown optimiser {name!r}; valid: lars, sgd, adamw")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
