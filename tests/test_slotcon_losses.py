@@ -231,6 +231,18 @@ def test_encoder_keys_match_torchvision() -> None:
         build_encoder("resnet7")
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_encoder_output_stride_options_keep_torchvision_keys(arch: str) -> None:
+    tv = set(getattr(torchvision.models, arch)().state_dict()) - {"fc.weight", "fc.bias"}
+    x = torch.zeros(1, 3, 64, 64)
+    for stem_pool, last_stride, side in ((True, 2, 2), (False, 2, 4), (True, 1, 4), (False, 1, 8)):
+        enc = build_encoder(arch, stem_pool=stem_pool, last_stride=last_stride)
+        assert set(enc.state_dict()) == tv
+        assert enc(x).shape[-2:] == (side, side), (stem_pool, last_stride)
+    with pytest.raises(ValueError, match="last_stride"):
+        build_encoder(arch, last_stride=4)
+
+
 def test_heads_layout_and_init() -> None:
     proj, pred = Projector(64, 512, 32), Predictor(32, 512, 32)
     assert proj(torch.randn(2, 64, 3, 3)).shape == (2, 32, 3, 3)

@@ -20,6 +20,7 @@ class ModelConfig:
     lambda_g: float = 0.5  # weight of the grouping loss (Eq. 8)
     zero_init_residual: bool = False  # torchvision option: zero the last BN gamma of each block
     stem_pool: bool = True  # False: no stem max-pool (output stride 16) for the CPU demo's small images
+    last_stride: int = 2  # 1: layer4 keeps layer3's resolution (output stride 8 with stem_pool false)
     pool_eps: float = 1e-6  # added to the assignment softmax before pooling (Eq. 4, recipe)
     # Object-centric family (issue 9): grouping modules and the object/global method (paper 000).
     # The number of slots is num_prototypes (SlotCon's K) for every grouping module.

@@ -48,7 +48,8 @@ class ObjGlobal(nn.Module):
             raise ValueError("model.grouping: the objglobal method needs slot_attention, qsa or softargmax")
         self.cfg = cfg
         d, h = cfg.dim_out, cfg.dim_hidden
-        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool)
+        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool,
+                                     last_stride=cfg.last_stride)
         self.projector = Projector(self.encoder.num_features, h, d)
         self.grouping = grouping_module(cfg, d)
         self.object_head = Predictor(d, h, d)  # s_i -> p_i (Sec. 2.1, "Projection heads")

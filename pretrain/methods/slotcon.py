@@ -32,7 +32,8 @@ class SlotCon(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool)
+        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool,
+                                     last_stride=cfg.last_stride)
         self.projector = Projector(self.encoder.num_features, cfg.dim_hidden, cfg.dim_out)
         self.prototypes = build_grouping(cfg, cfg.dim_out)
         self.predictor = Predictor(cfg.dim_out, cfg.dim_hidden, cfg.dim_out)
