@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import numba
 import cv2
+import numba
 import numpy as np
 import torch
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
@@ -194,7 +194,8 @@ class FFCVPretrainLoader:
         self._outputs = list(self.loader.pipeline_specs)  # FFCV's output order
         self.epoch = 0
         self._live = None
-        nthreads = max(1, int(cfg.num_workers))
+        # Augmentation threads exist only on the CPU (on a GPU the batch is augmented on the device).
+        nthreads = max(1, int(cfg.num_workers)) if self.device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="ffcv-aug") if nthreads > 1 else None
         if self.device.type == "cpu":
             # the augmentation threads already split the batch over the cores; OpenCV's own

@@ -3,8 +3,8 @@
 One sample: decode (skipping undecodable files deterministically), draw a crop pair with the
 overlap rule (pretrain/data/crops.py), resize each crop bicubically to ``S x S``, flip, apply the
 BYOL photometric augmentations (OpenCV per image, pretrain/data/photometric_cpu.py), normalise,
-and compute the
-intersection box in each view's own, post-flip, normalised coordinates (docs/contracts.md).
+and compute the intersection box in each view's own, post-flip, normalised coordinates
+(docs/contracts.md).
 All randomness comes from ``(seed, epoch, index)``.
 """
 from __future__ import annotations
