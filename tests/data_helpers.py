@@ -44,7 +44,9 @@ def aligned(coords: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torc
     scaled = box * box.new_tensor([w, h, w, h])
     rois = torch.cat([torch.arange(b, dtype=box.dtype)[:, None], scaled], 1)
     out = roi_align(coords, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+    code = flip.to(torch.int64).view(-1, 1, 1, 1)  # bit 0 horizontal, bit 1 vertical
+    out = torch.where((code & 1) > 0, out.flip(-1), out)
+    return torch.where((code & 2) > 0, out.flip(-2), out)
 
 
 def check_views_against_source(batch: dict, pairs: np.ndarray | None = None, tol: float = 1.5) -> None:
@@ -57,19 +59,23 @@ def check_views_against_source(batch: dict, pairs: np.ndarray | None = None, tol
             i, j, h, w, f = (torch.as_tensor(pairs[:, 5 * (v - 1) + k], dtype=torch.float32) for k in range(5))
             u = (torch.arange(s, dtype=torch.float32) + 0.5) / s
             exp_x = j[:, None] + u[None] * w[:, None]  # (B, S) along columns
-            exp_x = torch.where(f[:, None] > 0, exp_x.flip(-1), exp_x)
+            code = f.to(torch.int64)[:, None]
+            exp_x = torch.where((code & 1) > 0, exp_x.flip(-1), exp_x)
             exp_y = i[:, None] + u[None] * h[:, None]
+            exp_y = torch.where((code & 2) > 0, exp_y.flip(-1), exp_y)
             inner = slice(2, s - 2)
             dx = (c[:, 0, inner, inner] - exp_x[:, None, inner]).abs()
             dy = (c[:, 1, inner, inner] - exp_y[:, inner, None]).abs()
             # a pixel of the view spans w/S source pixels: allow interpolation error of that order
             scale = torch.maximum(w, h)[:, None, None] / s
             assert (dx <= tol + scale).all() and (dy <= tol + scale).all(), (dx.max(), dy.max())
-        # flips: x increases left to right unless the view was flipped
-        slope = c[:, 0, :, -4].mean(-1) - c[:, 0, :, 3].mean(-1)
-        flip = batch[f"flip{v}"]
-        big = slope.abs() > 2
-        assert ((slope[big] < 0) == flip[big]).all()
+        # flips: x increases left to right unless the view was flipped horizontally (bit 0), y top
+        # to bottom unless it was flipped vertically (bit 1)
+        code = batch[f"flip{v}"].to(torch.int64)
+        for axis, bit, slope in ((0, 1, c[:, 0, :, -4].mean(-1) - c[:, 0, :, 3].mean(-1)),
+                                 (1, 2, c[:, 1, -4, :].mean(-1) - c[:, 1, 3, :].mean(-1))):
+            big = slope.abs() > 2
+            assert ((slope[big] < 0) == ((code[big] & bit) > 0)).all(), f"axis {axis}"
     a1 = aligned(decode_coords(batch["view1"]), batch["box1"], batch["flip1"])
     a2 = aligned(decode_coords(batch["view2"]), batch["box2"], batch["flip2"])
     inner = slice(2, -2)

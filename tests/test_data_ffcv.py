@@ -69,6 +69,31 @@ def test_ffcv_matches_pil_crops_and_structure(coord_setup):
     assert (fb["view1"] - pb["view1"]).abs().mean() < 0.05
 
 
+def test_ffcv_vertical_flips_match_pil(coord_setup):
+    root, cfg, _ = coord_setup
+    vcfg = dataclasses.replace(cfg, vflip_p=0.5)
+    ffcv = build_pretrain_loader(vcfg, 4, rank=0, world_size=1, seed=9, device=CPU)
+    pil = build_pretrain_loader(dataclasses.replace(vcfg, loader="pil", num_workers=0), 4, rank=0,
+                                world_size=1, seed=9, device=CPU)
+    try:
+        codes = []
+        for epoch in (0, 1):
+            for ld in (ffcv, pil):
+                ld.set_epoch(epoch)
+            for fb, pb in zip(ffcv, pil):
+                idx = fb["index"].tolist()
+                pairs = np.stack([draw_pair(vcfg, 9, epoch, i, 256, 256) for i in idx])
+                check_views_against_source(fb, pairs)
+                for k in ("index", "flip1", "flip2", "box1", "box2"):
+                    torch.testing.assert_close(fb[k], pb[k], rtol=0, atol=0)
+                assert (fb["view1"] - pb["view1"]).abs().mean() < 0.05
+                codes += fb["flip1"].tolist() + fb["flip2"].tolist()
+        assert {2, 3} & set(codes) and {0, 1} & set(codes)
+    finally:
+        ffcv.close()
+        pil.close()
+
+
 def test_ffcv_photometric_ranges_match_pil(coord_setup):
     root, cfg, loader = coord_setup
     on = dict(color_jitter_p=0.8, grayscale_p=0.2, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2])

@@ -52,6 +52,48 @@ def test_flip_box_is_mirrored():
     np.testing.assert_allclose(b2, [0.0, 0.0, 60 / 120, 1.0], atol=1e-6)
 
 
+def test_vertical_flips_show_their_boxes(tmp_path):
+    for k in range(4):
+        coord_image(tmp_path / "imgs" / f"{k}.png")
+    cfg = geometric_cfg(tmp_path / "imgs", min_scale=0.08, vflip_p=0.5)
+    loader = _loader(cfg, bs=4)
+    codes = []
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            idx = batch["index"].tolist()
+            pairs = np.stack([draw_pair(cfg, 5, epoch, i, 256, 256) for i in idx])
+            check_views_against_source(batch, pairs)  # x and y directions checked against the codes
+            codes += batch["flip1"].tolist() + batch["flip2"].tolist()
+    assert set(codes) == {0, 1, 2, 3}  # every combination of the two flips occurs in 48 views
+    assert 10 <= sum(c >= 2 for c in codes) <= 38
+
+
+def test_vflip_draws_last():
+    """vflip_p = 0 is the horizontal-only sampler; vflip_p > 0 keeps its crops and horizontal flips."""
+    off, on = DataConfig(), DataConfig(vflip_p=0.5)
+    n_v = 0
+    for k in range(300):
+        a, b = draw_pair(off, 3, 1, k, 90, 130), draw_pair(on, 3, 1, k, 90, 130)
+        assert a[4] in (0, 1) and a[9] in (0, 1)
+        np.testing.assert_array_equal(a[[0, 1, 2, 3, 5, 6, 7, 8]], b[[0, 1, 2, 3, 5, 6, 7, 8]])
+        np.testing.assert_array_equal(a[[4, 9]], b[[4, 9]] & 1)
+        n_v += int((b[4] >> 1) + (b[9] >> 1))
+    assert 240 <= n_v <= 360  # 600 views with p = 0.5
+
+
+def test_vertical_flip_box_is_mirrored():
+    pair = np.array([10, 20, 100, 80, 0, 50, 40, 60, 120, 0])
+    b1, b2 = intersection_boxes(pair)
+    for code in (2, 3):
+        flipped = pair.copy()
+        flipped[9] = code
+        f1, f2 = intersection_boxes(flipped)
+        np.testing.assert_allclose(f1, b1)
+        x1, x2 = (1 - b2[2], 1 - b2[0]) if code & 1 else (b2[0], b2[2])
+        np.testing.assert_allclose(f2, [x1, 1 - b2[3], x2, 1 - b2[1]], atol=1e-6)
+
+
 @pytest.mark.parametrize("min_overlap", [0.0, 0.01, 0.3, 0.9])
 def test_pairs_always_overlap(min_overlap):
     cfg = DataConfig(min_overlap=min_overlap)

@@ -176,10 +176,12 @@ def _coordinate_image(size: int) -> torch.Tensor:
     return torch.stack([c.view(1, -1).expand(size, size), c.view(-1, 1).expand(size, size)])
 
 
-def test_inverse_augment_aligns_views_on_their_overlap() -> None:
+@pytest.mark.parametrize("codes", [(0, 1), (2, 0), (1, 3), (3, 2)])
+def test_inverse_augment_aligns_views_on_their_overlap(codes: tuple[int, int]) -> None:
+    """Flip codes: bit 0 horizontal, bit 1 vertical (docs/contracts.md)."""
     size, out = 64, 16
     image = _coordinate_image(size)
-    crops = [(12, 8, 44, 40, False), (0, 20, 40, 42, True)]  # (top, left, height, width, flip), pixels
+    crops = [(12, 8, 44, 40, codes[0]), (0, 20, 40, 42, codes[1])]  # (top, left, height, width, flip code), pixels
     inter = (20 / size, 12 / size, 48 / size, 40 / size)  # x1, y1, x2, y2 of the crops' overlap
     views, boxes, flips = [], [], []
     for top, left, hgt, wid, flip in crops:
@@ -187,14 +189,17 @@ def test_inverse_augment_aligns_views_on_their_overlap() -> None:
         v = TF.resized_crop(image, top, left, hgt, wid, [out, out], antialias=False)
         X1, Y1, X2, Y2 = left / size, top / size, (left + wid) / size, (top + hgt) / size
         box = [(inter[0] - X1) / (X2 - X1), (inter[1] - Y1) / (Y2 - Y1), (inter[2] - X1) / (X2 - X1), (inter[3] - Y1) / (Y2 - Y1)]
-        if flip:  # a flip mirrors the view and its box (contract)
+        if flip & 1:  # a flip mirrors the view and its box (contract)
             v = v.flip(-1)
             box = [1 - box[2], box[1], 1 - box[0], box[3]]
+        if flip & 2:
+            v = v.flip(-2)
+            box = [box[0], 1 - box[3], box[2], 1 - box[1]]
         views.append(v)
         boxes.append(box)
         flips.append(flip)
     maps = torch.stack(views)
-    aligned = inverse_augment(maps, torch.tensor(boxes), torch.tensor(flips))
+    aligned = inverse_augment(maps, torch.tensor(boxes), torch.tensor(flips, dtype=torch.uint8))
     grid = (torch.arange(out, dtype=torch.float32) + 0.5) / out
     expected_x = (inter[0] + grid * (inter[2] - inter[0])).view(1, -1).expand(out, out)
     expected_y = (inter[1] + grid * (inter[3] - inter[1])).view(-1, 1).expand(out, out)
@@ -204,9 +209,15 @@ def test_inverse_augment_aligns_views_on_their_overlap() -> None:
         assert torch.allclose(aligned[v][inner], expected[inner], atol=1e-5), f"view {v + 1} misaligned"
         assert torch.allclose(aligned[v], expected, atol=1.0 / out)
     assert torch.allclose(aligned[0][inner], aligned[1][inner], atol=1e-5)
-    # Without flipping back, the flipped view would disagree with the other.
+    # Without flipping back, a flipped view would disagree with the other.
     unflipped = inverse_augment(maps, torch.tensor(boxes), torch.zeros(2, dtype=torch.bool))
-    assert not torch.allclose(unflipped[1][inner], expected[inner], atol=1e-2)
+    for v in range(2):
+        if codes[v]:
+            assert not torch.allclose(unflipped[v][inner], expected[inner], atol=1e-2)
+    # A bool flag is a horizontal flip (the older contract).
+    if codes == (0, 1):
+        as_bool = inverse_augment(maps, torch.tensor(boxes), torch.tensor([False, True]))
+        assert torch.equal(as_bool, aligned)
 
 
 def test_inverse_augment_full_box_is_identity() -> None:

@@ -15,6 +15,9 @@ class DataConfig:
     max_scale: float = 1.0
     min_overlap: float = 0.01  # fraction of view 2's area that must lie inside view 1 (DESIGN.md)
     flip_p: float = 0.5
+    # Vertical flips: 0 for natural images (they have an up); the toy scenes have none, and without
+    # them vertical position is a cue that survives every augmentation (a shortcut for the grouping).
+    vflip_p: float = 0.0
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2

@@ -11,13 +11,19 @@ drawn inside view 1 (which guarantees a non-empty intersection, and at least a q
 whenever view 1 is not smaller than half of view 2 in each side), and if even that fails 10
 times, view 2 is view 1's box. So the returned pair always satisfies the rule and always has a
 non-empty intersection.
+
+Flips are stored as a code per view: bit 0 a horizontal flip, bit 1 a vertical one (``vflip_p``,
+0 by default: natural images have an up; the toy scenes do not, and there a fixed up lets vertical
+position survive every augmentation). With ``vflip_p = 0`` the draws are exactly those of a
+horizontal-flip-only sampler.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-N_PAIR = 10  # i1, j1, h1, w1, flip1, i2, j2, h2, w2, flip2
+N_PAIR = 10  # i1, j1, h1, w1, flip1, i2, j2, h2, w2, flip2 (flip: bit 0 horizontal, bit 1 vertical)
+HFLIP, VFLIP = 1, 2
 _TRIES = 10
 
 
@@ -82,11 +88,12 @@ def _ok(i1, j1, h1, w1, i2, j2, h2, w2, min_overlap):
 
 
 @njit(cache=True)
-def sample_crop_pair(key, height, width, s0, s1, r0, r1, min_overlap, flip_p, out):
+def sample_crop_pair(key, height, width, s0, s1, r0, r1, min_overlap, flip_p, vflip_p, out):
     """Draw two crops and flips into ``out`` (int64, length 10) from the generator seeded by ``key``.
 
     ``out = [i1, j1, h1, w1, flip1, i2, j2, h2, w2, flip2]`` in source pixels (row, column,
-    height, width), with view 2 overlapping view 1 on at least ``min_overlap`` of its area.
+    height, width), with view 2 overlapping view 1 on at least ``min_overlap`` of its area; each
+    flip is a code (``HFLIP`` with probability ``flip_p``, plus ``VFLIP`` with ``vflip_p``).
     """
     np.random.seed(key)
     logr0, logr1 = np.log(r0), np.log(r1)
@@ -117,11 +124,17 @@ def sample_crop_pair(key, height, width, s0, s1, r0, r1, min_overlap, flip_p, ou
     out[4] = 1 if np.random.random() < flip_p else 0
     out[5], out[6], out[7], out[8] = i2, j2, h2, w2
     out[9] = 1 if np.random.random() < flip_p else 0
+    if vflip_p > 0.0:  # drawn last, so that vflip_p = 0 leaves every other draw unchanged
+        if np.random.random() < vflip_p:
+            out[4] += 2
+        if np.random.random() < vflip_p:
+            out[9] += 2
 
 
 def intersection_boxes(pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalised ``(x1, y1, x2, y2)`` boxes of the views' intersection in each view's own
-    coordinates, after its flip (docs/contracts.md). Works on one pair ``(10,)`` or a batch
+    coordinates, after its flips (docs/contracts.md: a horizontal flip mirrors x, a vertical one
+    y). Works on one pair ``(10,)`` or a batch
     ``(B, 10)``. Pixel-edge convention: a view of crop ``[j, j + w)`` maps image x to
     ``(x - j) / w``, which is what bicubic/area resizing of that crop and
     ``roi_align(aligned=True)`` both use.
@@ -134,8 +147,10 @@ def intersection_boxes(pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     def to_view(i, j, h, w, f):
         bx1, bx2 = (x1 - j) / w, (x2 - j) / w
         by1, by2 = (y1 - i) / h, (y2 - i) / h
-        flipped = f > 0
-        bx1, bx2 = np.where(flipped, 1.0 - bx2, bx1), np.where(flipped, 1.0 - bx1, bx2)
+        code = f.astype(np.int64)
+        h_flip, v_flip = (code & HFLIP) > 0, (code & VFLIP) > 0
+        bx1, bx2 = np.where(h_flip, 1.0 - bx2, bx1), np.where(h_flip, 1.0 - bx1, bx2)
+        by1, by2 = np.where(v_flip, 1.0 - by2, by1), np.where(v_flip, 1.0 - by1, by2)
         return np.stack([bx1, by1, bx2, by2], axis=-1).astype(np.float32)
 
     return to_view(i1, j1, h1, w1, f1), to_view(i2, j2, h2, w2, f2)

@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import DataConfig
-from .crops import N_PAIR, intersection_boxes, sample_crop_pair, sample_key
+from .crops import HFLIP, N_PAIR, VFLIP, intersection_boxes, sample_crop_pair, sample_key
 from .loader import BadImageTracker, EpochOrder
 from .two_view import RATIO, finish_views, finish_views_cpu
 
@@ -71,6 +71,7 @@ class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
         s = cfg.image_size
         super().__init__((s, s), scale=(cfg.min_scale, cfg.max_scale), ratio=RATIO)
         self.min_overlap, self.flip_p, self.seed = float(cfg.min_overlap), float(cfg.flip_p), int(seed)
+        self.vflip_p = float(cfg.vflip_p)
         self.epoch_state = np.zeros(1, dtype=np.int64)  # read by address from the jitted decoder
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,7 +100,7 @@ class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
         key_c = sample_key
         s0, s1 = float(self.scale[0]), float(self.scale[1])
         r0, r1 = float(self.ratio[0]), float(self.ratio[1])
-        min_overlap, flip_p, seed = self.min_overlap, self.flip_p, self.seed
+        min_overlap, flip_p, vflip_p, seed = self.min_overlap, self.flip_p, self.vflip_p, self.seed
         epoch_addr = self.epoch_state.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -119,7 +120,7 @@ class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
                     temp_buffer = image_data.reshape(height, width, 3)
                 p = pairs[dst_ix]
                 pair_c(key_c(seed, epoch, np.int64(source_ix), 0), np.int64(height), np.int64(width),
-                       s0, s1, r0, r1, min_overlap, flip_p, p)
+                       s0, s1, r0, r1, min_overlap, flip_p, vflip_p, p)
                 resize_crop_c(temp_buffer, p[0], p[0] + p[2], p[1], p[1] + p[3], destination[dst_ix, 0])
                 resize_crop_c(temp_buffer, p[5], p[5] + p[7], p[6], p[6] + p[8], destination[dst_ix, 1])
             n = len(batch_indices)
@@ -250,7 +251,8 @@ class FFCVPretrainLoader:
         views = []
         for v in (0, 1):
             f = torch.from_numpy(flips[:, v]).to(dev).view(-1, 1, 1, 1)
-            xv = torch.where(f, x[:, v].flip(-1), x[:, v]).contiguous()
+            xv = torch.where((f & HFLIP) > 0, x[:, v].flip(-1), x[:, v])
+            xv = torch.where((f & VFLIP) > 0, xv.flip(-2), xv).contiguous()
             views.append(finish_views(xv, self.cfg, self.seed, self.epoch, requested, v))
         return views
 
@@ -261,7 +263,7 @@ class FFCVPretrainLoader:
         pairs = np.asarray(pairs).copy()
         requested = ((index - skipped) % self.num_images).tolist()
         raw = np.asarray(crops)  # (B,2,S,S,3) uint8, FFCV's buffer: consumed before the next batch
-        flips = pairs[:, [4, 9]] > 0
+        flips = pairs[:, [4, 9]].astype(np.uint8)  # codes: bit 0 horizontal, bit 1 vertical (crops.py)
         views = (self._views_cpu if dev.type == "cpu" else self._views_device)(raw, flips, requested)
         flips = torch.from_numpy(flips)
         b1, b2 = intersection_boxes(pairs)

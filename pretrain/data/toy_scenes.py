@@ -37,6 +37,9 @@ _SPLITS = ("train2017", "val2017")
 # such slivers cannot be annotated meaningfully, and keeping them unannotated would make the
 # image disagree with its label maps.
 _MIN_VISIBLE_PX = 12
+# Objects per scene [lo, hi) and radius range as a fraction of the image side.
+_N_OBJECTS = (3, 7)
+_RADIUS = (0.10, 0.24)
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,11 @@ def render_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple
     bg_copy = canvas.copy()
     instance = np.zeros((h, w), dtype=np.uint8)
     classes: list[int] = []
-    n_obj = int(rng.integers(3, 7))
+    n_obj = int(rng.integers(*_N_OBJECTS))
     side = min(h, w)
     for k in range(n_obj):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
-        r = rng.uniform(0.10, 0.24) * side
+        r = rng.uniform(*_RADIUS) * side
         cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
         poly = _shape_polygon(cls, cx, cy, r, rng.uniform(0, 2 * math.pi), rng.uniform(0.4, 0.55))
         mimg = Image.new("L", (w, h), 0)

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .crops import N_PAIR, intersection_boxes, sample_crop_pair, sample_key
+from .crops import HFLIP, N_PAIR, VFLIP, intersection_boxes, sample_crop_pair, sample_key
 from .datasets import load_valid
 from .photometric import apply_photometric, normalize, sample_photometric
 from .photometric_cpu import augment_image, params_numpy
@@ -37,17 +37,27 @@ def draw_pair(cfg: DataConfig, seed: int, epoch: int, index: int, height: int, w
     """The crop pair ``[i1, j1, h1, w1, flip1, i2, j2, h2, w2, flip2]`` of one sample."""
     out = np.zeros(N_PAIR, dtype=np.int64)
     sample_crop_pair(sample_key(seed, epoch, index, 0), height, width, cfg.min_scale, cfg.max_scale,
-                     RATIO[0], RATIO[1], cfg.min_overlap, cfg.flip_p, out)
+                     RATIO[0], RATIO[1], cfg.min_overlap, cfg.flip_p, cfg.vflip_p, out)
     return out
 
 
-def crop_resize(img: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: bool) -> np.ndarray:
-    """Bicubic resized crop of rows ``[i, i+h)`` and columns ``[j, j+w)`` to ``size``, then flip;
-    uint8 ``(size, size, 3)``."""
+def crop_resize(img: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: int) -> np.ndarray:
+    """Bicubic resized crop of rows ``[i, i+h)`` and columns ``[j, j+w)`` to ``size``, then the flips
+    of ``flip`` (a code: bit 0 horizontal, bit 1 vertical); uint8 ``(size, size, 3)``."""
     out = img.resize((size, size), Image.BICUBIC, box=(j, i, j + w, i + h))
-    if flip:
+    if flip & HFLIP:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if flip & VFLIP:
+        out = out.transpose(Image.FLIP_TOP_BOTTOM)
     return np.asarray(out, dtype=np.uint8)
+
+
+def flip_image(img: np.ndarray, flip: int) -> np.ndarray:
+    """An ``(H, W, C)`` image with the flips of code ``flip`` applied (OpenCV; the input if none)."""
+    code = int(flip) & (HFLIP | VFLIP)
+    if code == 0:
+        return img
+    return cv2.flip(img, {HFLIP: 1, VFLIP: 0, HFLIP | VFLIP: -1}[code])
 
 
 def finish_views(raw: torch.Tensor, cfg: DataConfig, seed: int, epoch: int, indices: list[int], view: int) -> torch.Tensor:
@@ -60,12 +70,12 @@ def finish_views(raw: torch.Tensor, cfg: DataConfig, seed: int, epoch: int, indi
 
 def finish_views_cpu(crops: np.ndarray, flips: np.ndarray, cfg: DataConfig, seed: int, epoch: int,
                      indices: list[int], view: int, out: np.ndarray) -> None:
-    """uint8 ``(B,S,S,3)`` crops -> flipped, augmented, normalised float32 views written into
-    ``out`` ``(B,3,S,S)``, one image at a time with OpenCV (both loader paths on the CPU)."""
+    """uint8 ``(B,S,S,3)`` crops -> flipped (``flips``: codes, see crops.py), augmented, normalised
+    float32 views written into ``out`` ``(B,3,S,S)``, one image at a time with OpenCV (both loader
+    paths on the CPU)."""
     p = params_numpy(sample_photometric(seed, epoch, indices, view, **photometric_kwargs(cfg, view)))
     for i in range(len(indices)):
-        img = cv2.flip(crops[i], 1) if flips[i] else crops[i]
-        augment_image(img, p, i, out=out[i])
+        augment_image(flip_image(crops[i], flips[i]), p, i, out=out[i])
 
 
 class TwoViewDataset(Dataset):
@@ -99,15 +109,16 @@ class TwoViewDataset(Dataset):
         s = self.cfg.image_size
         views = []
         for v in (0, 1):
-            crop = crop_resize(img, *pair[5 * v:5 * v + 4].tolist(), s, bool(pair[5 * v + 4]))
+            crop = crop_resize(img, *pair[5 * v:5 * v + 4].tolist(), s, int(pair[5 * v + 4]))
             out = torch.empty((1, 3, s, s))
-            finish_views_cpu(crop[None], np.zeros(1, bool), self.cfg, self.seed, epoch, [index], v, out.numpy())
+            finish_views_cpu(crop[None], np.zeros(1, np.int64), self.cfg, self.seed, epoch, [index], v, out.numpy())
             views.append(out[0])
         b1, b2 = intersection_boxes(pair)
         return {
             "view1": views[0], "view2": views[1],
             "box1": torch.from_numpy(b1), "box2": torch.from_numpy(b2),
-            "flip1": torch.tensor(bool(pair[4])), "flip2": torch.tensor(bool(pair[9])),
+            "flip1": torch.tensor(int(pair[4]), dtype=torch.uint8),
+            "flip2": torch.tensor(int(pair[9]), dtype=torch.uint8),
             "skipped": torch.tensor(skipped, dtype=torch.int64),
             "index": torch.tensor(used, dtype=torch.int64),
         }

@@ -16,10 +16,11 @@ def inverse_augment(maps: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
     """Inverse augmentation of Sec. 3.1: RoIAlign to the views' intersection, then un-flip.
 
     ``maps``: ``(N, C, h, w)``; ``boxes``: ``(N, 4)`` intersection ``(x1, y1, x2, y2)`` in ``[0, 1]``
-    in each view's own (post-flip) coordinates; ``flips``: ``(N,)`` bool. Follows
-    docs/contracts.md: ``roi_align(map, box * (w, h), output=(h, w), aligned=True)``, then a
-    horizontal flip where the flag is set, so aligned pixel ``(i, j)`` of both views is the same
-    image location. Vectorised over the batch. Returns a float32 ``(N, C, h, w)`` map.
+    in each view's own (post-flip) coordinates; ``flips``: ``(N,)`` flip codes (bit 0 horizontal,
+    bit 1 vertical; a bool is a horizontal flip). Follows docs/contracts.md:
+    ``roi_align(map, box * (w, h), output=(h, w), aligned=True)``, then the view's flips undone, so
+    aligned pixel ``(i, j)`` of both views is the same image location. Vectorised over the batch.
+    Returns a float32 ``(N, C, h, w)`` map.
     """
     if maps.dim() != 4:
         raise ValueError(f"inverse_augment: maps must be (N, C, h, w), got {tuple(maps.shape)}")
@@ -33,8 +34,9 @@ def inverse_augment(maps: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
     idx = torch.arange(n, device=maps.device, dtype=torch.float32).unsqueeze(1)
     rois = torch.cat([idx, boxes.to(device=maps.device, dtype=torch.float32) * scale], dim=1)
     aligned = roi_align(maps, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flips = flips.to(device=maps.device, dtype=torch.bool).view(n, 1, 1, 1)
-    return torch.where(flips, aligned.flip(-1), aligned)
+    code = flips.to(device=maps.device, dtype=torch.int64).view(n, 1, 1, 1)
+    aligned = torch.where((code & 1) > 0, aligned.flip(-1), aligned)
+    return torch.where((code & 2) > 0, aligned.flip(-2), aligned)
 
 
 def self_distillation_loss(
