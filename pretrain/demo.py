@@ -2,7 +2,7 @@
 
 Steps, each one the command a user would type (printed before it runs):
 
-1. generate the toy scenes (``tools/make_toy_scenes.py``) if absent;
+1. generate the toy scenes (``tools/make_toy_scenes.py``) if absent or written by an older renderer;
 2. pretrain SlotCon with ``configs/pretrain/demo_cpu.yaml`` (TensorBoard logs and slot pictures in the run dir);
 3. unsupervised segmentation of the held-out scenes, pretrained vs the same network at random init
    (``python -m pretrain.eval unsup_seg ... --compare-random``);
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    # 1. data
-    if not (data / "meta.json").exists():
-        _run([py, "tools/make_toy_scenes.py", str(data)], logs / "toy_scenes.log", timings, "toy scenes")
+    # 1. data: the tool is idempotent (seconds when the set is current) and rebuilds scenes written by
+    # an older renderer version, which a bare existence check would silently reuse.
+    _run([py, "tools/make_toy_scenes.py", str(data)], logs / "toy_scenes.log", timings, "toy scenes")
     # 2. pretraining (auto-resume makes a re-run continue instead of starting over)
     run_dir = out / f"pretrain_seed{args.seed}"
     _run([py, "-m", "pretrain", "configs/pretrain/demo_cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",

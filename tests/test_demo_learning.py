@@ -4,11 +4,11 @@ segmentation of held-out toy scenes beats the same network at random initialisat
 alignment or teacher update shows up here first (with the paper's LR at this scale the pretrained mIoU fell
 below random init; with tau_t 0.07 the assignments went uniform, entropy ln K, while the mIoU still looked fine).
 
-Measured on 2 cores (seed 0, tau_t 0.04, batch 16, 320 steps): 13.2 vs 9.4 mIoU. The issue's goal of +10
-points is not reached (seeds 1 and 2: +1.1 and see the README), so this asserts +2 points for the default
-seed, not +10; the entropy check is what catches a collapsed grouping.
+It asserts the issue's goal for the default seed: at least 10 mIoU points over random init (the README
+lists the numbers of three seeds). Without vertical flips, or with the old background-dominated scenes,
+the gain was 1-4 points; the entropy check catches a collapsed grouping that a lucky mIoU could hide.
 
-Slow (about 4.5 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
+Slow (about 5 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
 ``python -m pretrain.eval`` commands of ``make demo``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
                     "--no-progress", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     res = json.loads(out.read_text())
     pre, rnd = res["pretrained"]["miou"], res["random_init"]["miou"]
-    assert pre >= rnd + 2.0, f"pretrained mIoU {pre:.1f} vs random init {rnd:.1f}: less than 2 points apart"
+    assert pre >= rnd + 10.0, f"pretrained mIoU {pre:.1f} vs random init {rnd:.1f}: less than 10 points apart"
     # The training loss fell over the run (first vs last 10 steps).
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first = sum(r["loss"] for r in rows[:10]) / 10

@@ -30,16 +30,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bumped whenever rendering changes, so stale datasets on disk are regenerated.
-TOY_VERSION = 1
+TOY_VERSION = 2
 CLASS_NAMES: tuple[str, ...] = ("background", "circle", "square", "triangle", "ellipse", "star")
 _SPLITS = ("train2017", "val2017")
 # An object occluded down to fewer visible pixels than this is repainted with the background:
 # such slivers cannot be annotated meaningfully, and keeping them unannotated would make the
 # image disagree with its label maps.
 _MIN_VISIBLE_PX = 12
-# Objects per scene [lo, hi) and radius range as a fraction of the image side.
-_N_OBJECTS = (3, 7)
-_RADIUS = (0.10, 0.24)
+# Objects per scene [lo, hi) and radius range as a fraction of the image side. Chosen so that the
+# background covers about half of the pixels (48 %, each shape class 8-15 %): with version 1's 3-6
+# smaller shapes it covered 75 %, so labelling every pixel "background" already scored 12.6
+# one-to-one mIoU over the 6 classes, which is what a random network mostly does, and the
+# balancing of SlotCon's centering split that background over several prototypes.
+_N_OBJECTS = (7, 11)
+_RADIUS = (0.16, 0.28)
 
 
 @dataclass(frozen=True)
