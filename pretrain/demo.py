@@ -60,6 +60,37 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def toy_scenes_command(py: str, data: Path) -> list[str] | None:
+    """The command that (re)writes the toy scenes at ``data``, or None when they are current.
+
+    Absent: the default set. Written by an older renderer (``meta.json``'s version): the same set
+    (sizes and seed from its meta) rendered anew, which a bare existence check would silently reuse.
+    """
+    from pretrain.data.toy_scenes import TOY_VERSION
+
+    cmd = [py, "tools/make_toy_scenes.py", str(data)]
+    meta_path = data / "meta.json"
+    if not meta_path.exists():
+        return cmd
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") == TOY_VERSION:
+        return None
+    for key, flag in (("n_train", "--n-train"), ("n_val", "--n-val"), ("size", "--size"), ("seed", "--seed")):
+        if isinstance(meta.get(key), int):
+            cmd += [flag, str(meta[key])]
+    return cmd
+
+
+def transfer_metrics(det_dir: Path, seg_dir: Path, ran: bool) -> tuple[dict, dict]:
+    """The transfer steps' ``metrics.json`` contents, or empty dicts where absent or not run now: with
+    ``--skip-transfer``, metrics left in the folder by an earlier run must not pass for this run's."""
+    def read(d: Path) -> dict:
+        f = d / "metrics.json"
+        return json.loads(f.read_text()) if ran and f.exists() else {}
+
+    return read(det_dir), read(seg_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 when every step succeeded."""
     ap = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.split("\n\n")[0])
@@ -79,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    # 1. data: the tool is idempotent (seconds when the set is current) and rebuilds scenes written by
-    # an older renderer version, which a bare existence check would silently reuse.
-    _run([py, "tools/make_toy_scenes.py", str(data)], logs / "toy_scenes.log", timings, "toy scenes")
+    # 1. data
+    toy_cmd = toy_scenes_command(py, data)
+    if toy_cmd is not None:
+        _run(toy_cmd, logs / "toy_scenes.log", timings, "toy scenes")
     # 2. pretraining (auto-resume makes a re-run continue instead of starting over)
     run_dir = out / f"pretrain_seed{args.seed}"
     _run([py, "-m", "pretrain", "configs/pretrain/demo_cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
@@ -120,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # 7. summary
     loss0, loss1, steps = _loss_start_end(run_dir)
     unsup = json.loads(unsup_json.read_text())
-    det = json.loads((det_dir / "metrics.json").read_text()) if (det_dir / "metrics.json").exists() else {}
-    seg = json.loads((seg_dir / "metrics.json").read_text()) if (seg_dir / "metrics.json").exists() else {}
+    det, seg = transfer_metrics(det_dir, seg_dir, ran=not args.skip_transfer)
     summary = {
         "seed": args.seed,
         "pretrain_steps": steps,

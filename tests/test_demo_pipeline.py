@@ -30,3 +30,24 @@ def test_demo_runs_every_stage(tmp_path: Path) -> None:
     assert len(list((out / "slot_pictures").glob("*.png"))) == 4
     assert "tensorboard --logdir" in proc.stdout
     assert list((Path(summary["artefacts"]["tensorboard"])).glob("events.out.tfevents.*"))
+
+
+def test_demo_rebuilds_stale_toy_scenes_and_ignores_stale_metrics(tmp_path: Path) -> None:
+    from pretrain.data.toy_scenes import TOY_VERSION, make_toy_scenes
+    from pretrain.demo import toy_scenes_command, transfer_metrics
+
+    data = tmp_path / "toy"
+    assert toy_scenes_command("py", data) == ["py", "tools/make_toy_scenes.py", str(data)]
+    make_toy_scenes(data, n_train=3, n_val=2, size=40, seed=5)
+    assert toy_scenes_command("py", data) is None
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "version": TOY_VERSION - 1}))
+    # an older renderer's set is rebuilt with its own sizes, not replaced by the default one
+    assert toy_scenes_command("py", data) == ["py", "tools/make_toy_scenes.py", str(data), "--n-train", "3",
+                                              "--n-val", "2", "--size", "40", "--seed", "5"]
+    det, seg = tmp_path / "det", tmp_path / "seg"
+    for d, m in ((det, {"bbox": {"AP": 1.0}}), (seg, {"metrics": {"mIoU": 2.0}})):
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(m))
+    assert transfer_metrics(det, seg, ran=True) == ({"bbox": {"AP": 1.0}}, {"metrics": {"mIoU": 2.0}})
+    assert transfer_metrics(det, seg, ran=False) == ({}, {})
