@@ -87,3 +87,22 @@ def test_concurrent_callers_get_one_complete_dataset(tmp_path):
     assert len(list((roots[0] / "train2017").glob("*.jpg"))) == 6
     assert load_meta(roots[0])["n_train"] == 6
     assert not [p for p in roots[0].iterdir() if p.name.startswith(".toy-")]
+
+
+def test_stale_renderer_version_is_named(tmp_path):
+    import pytest
+    import torch
+
+    from pretrain.data import DataConfig, build_pretrain_loader
+    from pretrain.data.toy_scenes import TOY_VERSION, stale_version_message
+
+    root = make_toy_scenes(tmp_path / "t", n_train=2, n_val=1, size=32, seed=0)
+    assert stale_version_message(root) is None
+    assert stale_version_message(tmp_path / "absent") is None
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "version": TOY_VERSION - 1}))
+    msg = stale_version_message(root)
+    assert msg and f"version {TOY_VERSION - 1}" in msg and "make_toy_scenes.py" in msg
+    cfg = DataConfig(dataset="toy", root=str(root), image_size=16, num_workers=0)
+    with pytest.warns(UserWarning, match="renderer version"):  # the pretraining loader says so too
+        build_pretrain_loader(cfg, 1, rank=0, world_size=1, seed=0, device=torch.device("cpu")).close()

@@ -3,6 +3,7 @@ accounting, and the switch between the PIL path and the FFCV path (``data.loader
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -170,6 +171,12 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, *, rank: int, world_
             from .toy_scenes import make_toy_scenes
 
             make_toy_scenes(cfg.root, cfg.toy_n_train, cfg.toy_n_val, size=cfg.toy_size, seed=cfg.toy_seed)
+        elif cfg.dataset == "toy":
+            from .toy_scenes import stale_version_message
+
+            msg = stale_version_message(cfg.root)
+            if msg:  # a user's set may be deliberate: say so, do not overwrite it
+                warnings.warn(msg, stacklevel=2)
         return PretrainLoader(cfg, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
                               drop_last=drop_last)
     if cfg.loader == "ffcv":

@@ -227,6 +227,18 @@ def load_meta(root: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def stale_version_message(root: str | os.PathLike) -> str | None:
+    """A message naming the fix if ``root`` holds scenes of another renderer version, else None."""
+    try:
+        version = load_meta(root).get("version")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if version == TOY_VERSION:
+        return None
+    return (f"toy scenes at {root} were written by renderer version {version}, this code renders version "
+            f"{TOY_VERSION} (published numbers use it): rebuild with tools/make_toy_scenes.py {root}")
+
+
 def _render_split(tmp: Path, split: str, split_id: int, n: int, size: int | tuple[int, int], seed: int) -> None:
     from pycocotools import mask as mask_utils
 
