@@ -69,6 +69,13 @@ def test_vertical_flips_show_their_boxes(tmp_path):
     assert 10 <= sum(c >= 2 for c in codes) <= 38
 
 
+@pytest.mark.parametrize("key", ["flip_p", "vflip_p"])
+def test_flip_probability_out_of_range_is_named(tmp_path, key):
+    coord_image(tmp_path / "imgs" / "a.png", size=16)
+    with pytest.raises(ValueError, match=f"data.{key}=1.5"):
+        _loader(geometric_cfg(tmp_path / "imgs", **{key: 1.5}), bs=1)
+
+
 def test_vflip_draws_last():
     """vflip_p = 0 is the horizontal-only sampler; vflip_p > 0 keeps its crops and horizontal flips."""
     off, on = DataConfig(), DataConfig(vflip_p=0.5)

@@ -152,6 +152,9 @@ def _checked(cfg) -> DataConfig:
         raise ValueError(f"data.min_scale={cfg.min_scale}, data.max_scale={cfg.max_scale}: need 0 < min <= max <= 1")
     if not 0 <= cfg.min_overlap <= 1:
         raise ValueError(f"data.min_overlap={cfg.min_overlap} must lie in [0, 1]")
+    for key in ("flip_p", "vflip_p"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ValueError(f"data.{key}={getattr(cfg, key)} must lie in [0, 1]")
     for key in ("blur_p", "solarize_p"):
         if len(getattr(cfg, key)) != 2:
             raise ValueError(f"data.{key} needs one probability per view, got {getattr(cfg, key)}")
