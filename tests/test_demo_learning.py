@@ -8,7 +8,7 @@ It asserts the issue's goal for the default seed: at least 10 mIoU points over r
 lists the numbers of three seeds). Without vertical flips, or with the old background-dominated scenes,
 the gain was 1-4 points; the entropy check catches a collapsed grouping that a lucky mIoU could hide.
 
-Slow (about 5 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
+Slow (about 7 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
 ``python -m pretrain.eval`` commands of ``make demo``.
 """
 from __future__ import annotations
