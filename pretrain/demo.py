@@ -66,13 +66,12 @@ def toy_scenes_command(py: str, data: Path) -> list[str] | None:
     Absent: the default set. Written by an older renderer (``meta.json``'s version): the same set
     (sizes and seed from its meta) rendered anew, which a bare existence check would silently reuse.
     """
-    from pretrain.data.toy_scenes import TOY_VERSION
+    from pretrain.data.toy_scenes import TOY_VERSION, load_meta
 
     cmd = [py, "tools/make_toy_scenes.py", str(data)]
-    meta_path = data / "meta.json"
-    if not meta_path.exists():
+    if not (data / "meta.json").is_file():
         return cmd
-    meta = json.loads(meta_path.read_text())
+    meta = load_meta(data)
     if meta.get("version") == TOY_VERSION:
         return None
     for key, flag in (("n_train", "--n-train"), ("n_val", "--n-val"), ("size", "--size"), ("seed", "--seed")):
