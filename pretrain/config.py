@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.data.config import DataConfig
 from pretrain.methods.config import ModelConfig
+from pretrain.engine.precision import AMP_CHOICES
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many global steps (0: run all epochs); schedules still span all epochs
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "bf16"  # none | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 where the hardware has it; fp16 on other GPUs; none on other CPUs) | none | bf16 | fp16
     channels_last: bool = True
     compile: bool = False  # torch.compile the method
     deterministic: bool = False  # deterministic algorithms (exact resume checks; slower)
@@ -89,7 +90,7 @@ class PretrainConfig:
 
 _CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": AMP_CHOICES,
     "train.device": ("auto", "cpu", "cuda"),
 }
 

@@ -28,6 +28,7 @@ from pretrain.engine import checkpoint as ckpt_io
 from pretrain.engine.distributed import DistEnv, all_reduce, barrier, maybe_sync_bn, per_rank_batch
 from pretrain.engine.logging import TBWriter, memory_mb, setup_text_log, slot_picture
 from pretrain.engine.optim import build_optimizer, set_lr
+from pretrain.engine.precision import amp_dtype as amp_dtype_of, resolve_amp
 from pretrain.engine.schedules import lr_at, momentum_at, peak_lr
 from pretrain.engine.signals import shield_workers, stop_reason, stop_requested
 
@@ -71,10 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _amp_dtype(amp: str) -> torch.dtype | None:
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def _to_device(batch: dict[str, Tensor], device: torch.device, channels_last: bool) -> dict[str, Tensor]:
@@ -149,8 +146,9 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: TrainHooks | None = None) -> T
     lr_peak = peak_lr(oc.base_lr, oc.batch_size, oc.scale_lr)
     optimizer = build_optimizer(method, oc.name, lr=lr_peak, weight_decay=oc.weight_decay,
                                 momentum=oc.momentum, eta=oc.lars_eta)
-    amp_dtype = _amp_dtype(tc.amp)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.amp == "fp16")
+    amp = resolve_amp(tc.amp, env.device)
+    amp_dtype = amp_dtype_of(amp)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
 
     step, epoch, step_in_epoch = 0, 0, 0
     found = _resume_source(cfg, ckpt_dir)
@@ -186,7 +184,7 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: TrainHooks | None = None) -> T
                    mininterval=1.0)
     log.info("run dir %s | %d rank(s) on %s | global batch %d (%d/rank) | %d steps/epoch, %d epochs, %d steps | "
              "peak lr %.4g | amp %s", run_dir, env.world_size, env.device, oc.batch_size, local_batch,
-             steps_per_epoch, tc.epochs, total_steps, lr_peak, tc.amp)
+             steps_per_epoch, tc.epochs, total_steps, lr_peak, amp if amp == tc.amp else f"{tc.amp} -> {amp}")
 
     def state_dict() -> dict:
         return {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
