@@ -3,9 +3,11 @@
 
     python tools/convert_to_d2.py CKPT OUT.pkl [--depth 50]
 
-CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.``) or an exported
-backbone ``{"backbone": ..., "arch": ...}``. Every backbone key of the depth is verified against
-Detectron2's own ResNet. Exit status 0 on success, 2 with a one-line reason on refusal.
+CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.``), a run directory,
+an exported backbone ``{"backbone": ..., "arch": ...}``, an official SlotCon release checkpoint
+(e.g. ``slotcon_coco_r50_800ep.pth``: its teacher ``encoder_k``, never the student ``encoder_q``) or a
+plain torchvision ResNet state dict (``fc`` dropped). Every backbone key of the depth is verified
+against Detectron2's own ResNet. Exit status 0 on success, 2 with a one-line reason on refusal.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def convert(ckpt: str | Path, out: str | Path, depth: int | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="pretraining checkpoint or exported backbone (.pth)")
+    p.add_argument("ckpt", help="pretraining checkpoint, run dir, exported backbone, official SlotCon "
+                   "checkpoint or torchvision ResNet state dict (.pth)")
     p.add_argument("out", help="output Detectron2 weights (.pkl)")
     p.add_argument("--depth", type=int, choices=DEPTHS, default=None,
                    help="required ResNet depth (default: inferred from the checkpoint; a mismatch is refused)")

@@ -2,8 +2,10 @@
 
     python tools/convert_to_mmseg.py CKPT OUT.pth [--arch resnet50]
 
-CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.``) or an exported
-backbone ``{"backbone": ..., "arch": ...}`` (docs/contracts.md). The teacher encoder is what SlotCon
+CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.``), a run directory,
+an exported backbone ``{"backbone": ..., "arch": ...}`` (docs/contracts.md), an official SlotCon
+release checkpoint (its teacher ``encoder_k``, never the student ``encoder_q``) or a plain
+torchvision ResNet state dict (``fc`` dropped). The teacher encoder is what SlotCon
 transfers (Sec. 4.2). OUT holds plain tensors under ``state_dict`` with mmseg ``type='ResNet'`` key
 names (no prefix: consumed by the backbone's ``init_cfg=dict(type='Pretrained', checkpoint=OUT)``,
 which ``python -m transfer.segmentation --weights OUT`` sets); see transfer/segmentation/weights.py.
@@ -24,7 +26,8 @@ from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="pretraining checkpoint or exported backbone")
+    p.add_argument("checkpoint", help="pretraining checkpoint, run dir, exported backbone, official SlotCon "
+                   "checkpoint or torchvision ResNet state dict")
     p.add_argument("output", help="output .pth for MMSegmentation")
     p.add_argument("--arch", help="required depth, e.g. resnet50 (default: the checkpoint's)")
     args = p.parse_args(argv)

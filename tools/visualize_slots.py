@@ -2,7 +2,9 @@
 
     python tools/visualize_slots.py CKPT IMAGE [IMAGE ...] --out slots_viz [--size 320]
 
-CKPT is a full training checkpoint or a run directory (newest checkpoint). Each output
+CKPT is a full training checkpoint, a run directory (newest checkpoint) or an official SlotCon
+release checkpoint (its teacher, see transfer/official_slotcon.py); one that cannot be used is
+refused with one line on stderr and exit status 2. Each output
 ``<out>/<stem>_slots.png`` shows the image and, beside it, every pixel coloured by its argmax
 prototype (teacher ``assign``, bilinearly upsampled) with group boundaries in white.
 ``--random-init`` shows the same network untrained.
@@ -20,6 +22,7 @@ import torch  # noqa: E402
 from pretrain.eval.datasets import load_rgb, resize_crop  # noqa: E402
 from pretrain.eval.inference import assign_batch, default_device, load_method  # noqa: E402
 from pretrain.eval.visualize import denormalize, overlay_assignments, save_png  # noqa: E402
+from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
 
 def visualize(checkpoint: str | Path, images: list[str | Path], out: str | Path, size: int | None = 320,
@@ -43,7 +46,8 @@ def visualize(checkpoint: str | Path, images: list[str | Path], out: str | Path,
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 on success, 2 with ``refused: <reason>`` on stderr for a checkpoint it cannot use."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
@@ -57,10 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     missing = [i for i in a.images if not Path(i).is_file()]
     if missing:
         p.error(f"image(s) not found: {missing}")
-    paths = visualize(a.checkpoint, a.images, a.out, a.size or None,
-                      torch.device(a.device) if a.device else None, a.random_init, a.alpha, not a.overlay_only)
+    try:
+        paths = visualize(a.checkpoint, a.images, a.out, a.size or None,
+                          torch.device(a.device) if a.device else None, a.random_init, a.alpha, not a.overlay_only)
+    except CheckpointError as exc:
+        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} picture(s) to {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()
+    if rc:  # exit only on failure, so a clean run leaves an in-process caller (runpy) running
+        sys.exit(rc)

@@ -1,19 +1,28 @@
 """Read and verify the teacher encoder from a pretraining checkpoint (shared by both converters).
 
-Two inputs are accepted (docs/contracts.md, "Checkpoints"):
+Four inputs are accepted (docs/contracts.md, "Checkpoints"):
 
 * a full pretraining checkpoint ``{"model": method.state_dict(), ...}`` whose teacher encoder lives
   under the prefix ``teacher_encoder.`` (a DDP ``module.`` prefix in front is tolerated);
-* an exported backbone ``{"backbone": state_dict, "arch": str}``.
+* an exported backbone ``{"backbone": state_dict, "arch": str}``;
+* the official SlotCon release layout (``{"args": Namespace, "model": {"module.encoder_k.*", ...}, ...}``,
+  see ``transfer/official_slotcon.py``): its teacher ``encoder_k``, never the student ``encoder_q``;
+* a plain torchvision ResNet state dict (``conv1.weight``, ``layer1.0...``, optionally ``module.``
+  prefixed); its classifier ``fc.*`` is dropped.
 
 The encoder must carry torchvision ResNet key names without ``fc``. Every key of the torchvision
 ResNet of that depth must be present with the right shape, and nothing else may be there; the
 BN ``num_batches_tracked`` counters are optional and dropped (they are bookkeeping, not weights).
-SlotCon transfers the teacher encoder (SlotCon Sec. 4.2), which is why only that prefix is read.
+SlotCon transfers the teacher encoder (SlotCon Sec. 4.2), which is why only the teacher is read.
+Files are read with ``torch.load(weights_only=True)``; the only non-tensor type allowed on top of
+its defaults is ``argparse.Namespace`` (the official checkpoint's ``args``), so a pickle naming any
+other global is refused without running it.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +31,11 @@ import torch
 import torchvision
 
 TEACHER_PREFIX = "teacher_encoder."
+# The one type beyond weights_only's defaults that a supported checkpoint holds: the official
+# SlotCon file pickles its argparse.Namespace of command-line arguments.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+# Top-level modules of a torchvision ResNet state dict (the plain-state-dict input).
+_TORCHVISION_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
 
 # Blocks per stage (layer1..layer4) and block type of each torchvision ResNet depth.
 RESNET_LAYOUT: dict[str, tuple[tuple[int, int, int, int], bool]] = {
@@ -86,22 +100,55 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _read(path: Path) -> object:
+def read_checkpoint(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)`` on CPU with ``SAFE_GLOBALS`` allowed, and nothing else.
+
+    Raises CheckpointError naming the file and torch's reason (missing file, damaged archive, or a
+    pickle that names a global outside the allowlist, which is refused before anything runs).
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle / zip / runtime errors depending on the damage
         raise CheckpointError(
-            f"cannot read checkpoint {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            f"cannot read checkpoint {path} with torch.load(weights_only=True): {type(exc).__name__}: {_load_reason(exc)}"
         ) from exc
 
 
-def _strip_module(state: dict) -> dict:
+def _load_reason(exc: Exception) -> str:
+    """The line of torch's load error that says what is wrong (its first line is generic advice)."""
+    text = str(exc).strip()
+    # Two wordings, by torch version and by whether the global's module is blocked outright.
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text, re.IGNORECASE)
+    if found:
+        # torch goes on to suggest allow-listing the global; for a weights file that is the wrong advice.
+        return (f"the pickle names the global {found.group(1)}, which is not allowed in a weights file "
+                f"(allowed: tensors, containers, {', '.join(t.__module__ + '.' + t.__qualname__ for t in SAFE_GLOBALS)}); "
+                "nothing in it was run")
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return text.splitlines()[0] if text else ""
+
+
+def strip_module(state: dict) -> dict:
+    """``state`` without the DDP ``module.`` prefix when every key carries it; else unchanged."""
     # A DDP-wrapped method saves every key under "module."; the contract's prefixes start after it.
     if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def is_torchvision_state(obj: object) -> bool:
+    """True for a plain torchvision ResNet state dict (tensors under ``conv1.``, ``layer1.``, ...)."""
+    if not isinstance(obj, dict) or not obj:
+        return False
+    state = strip_module(obj)
+    return ("conv1.weight" in state and all(isinstance(v, torch.Tensor) for v in state.values())
+            and all(isinstance(k, str) and k.startswith(_TORCHVISION_ROOTS) for k in state))
 
 
 def _config_arch(ckpt: dict) -> str | None:
@@ -116,6 +163,14 @@ def extract_teacher_encoder(ckpt: object, source: str = "<checkpoint>") -> tuple
     """The raw teacher-encoder state dict of a loaded checkpoint and the arch it declares (if any)."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    # Imported here: official_slotcon builds on this module's helpers.
+    from .official_slotcon import is_official_checkpoint, official_teacher_encoder
+
+    if is_official_checkpoint(ckpt):
+        return official_teacher_encoder(ckpt, source)
+    if is_torchvision_state(ckpt):
+        # The ImageNet classifier is no part of the backbone a detector or segmenter starts from.
+        return {k: v for k, v in strip_module(ckpt).items() if not k.startswith("fc.")}, None
     if "backbone" in ckpt:
         state, arch = ckpt["backbone"], ckpt.get("arch")
         if not isinstance(state, dict):
@@ -125,7 +180,7 @@ def extract_teacher_encoder(ckpt: object, source: str = "<checkpoint>") -> tuple
         model = ckpt["model"]
         if not isinstance(model, dict):
             raise CheckpointError(f"{source}: 'model' is not a state dict")
-        model = _strip_module(model)
+        model = strip_module(model)
         state = {k[len(TEACHER_PREFIX):]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)}
         if not state:
             prefixes = sorted({k.split(".")[0] for k in model})[:12]
@@ -135,8 +190,9 @@ def extract_teacher_encoder(ckpt: object, source: str = "<checkpoint>") -> tuple
             )
         return state, _config_arch(ckpt)
     raise CheckpointError(
-        f"{source}: no encoder in the checkpoint: expected a 'model' (full pretraining checkpoint) or "
-        f"'backbone' (exported backbone) entry, found keys {sorted(map(str, ckpt))[:12]}"
+        f"{source}: no encoder in the checkpoint: expected a 'model' (full pretraining or official SlotCon "
+        f"checkpoint) or 'backbone' (exported backbone) entry, or torchvision ResNet keys, found keys "
+        f"{sorted(map(str, ckpt))[:12]}"
     )
 
 
@@ -176,7 +232,8 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
     """Read the teacher encoder of ``path`` and verify it key by key.
 
     Args:
-        path: full pretraining checkpoint, exported backbone, or a run directory (its newest good checkpoint).
+        path: full pretraining checkpoint, exported backbone, official SlotCon checkpoint, plain torchvision
+            ResNet state dict, or a run directory (its newest good checkpoint).
         arch: the depth the caller requires (e.g. ``"resnet50"``); ``None`` accepts the checkpoint's.
 
     Returns:
@@ -188,7 +245,7 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
         disagrees with the tensors, or an arch other than the requested one.
     """
     path = resolve_checkpoint(path)
-    state, declared = extract_teacher_encoder(_read(path), str(path))
+    state, declared = extract_teacher_encoder(read_checkpoint(path), str(path))
     found = infer_arch(state)
     if declared is not None and declared != found:
         raise CheckpointError(f"{path}: the checkpoint declares arch {declared!r} but its tensors are a {found}")

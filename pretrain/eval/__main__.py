@@ -1,8 +1,10 @@
 """``python -m pretrain.eval TASK CKPT DATA [options]``: evaluate a pretraining checkpoint.
 
 TASK: ``unsup_seg`` (SlotCon Sec. 4.4), ``discovery`` (ARI-FG, Otsu mIoU), ``retrieval`` (Sec. 4.6).
-CKPT: a full training checkpoint (docs/contracts.md: ``model`` + ``config``), or a run directory
-(its newest good checkpoint).
+CKPT: a full training checkpoint (docs/contracts.md: ``model`` + ``config``), a run directory
+(its newest good checkpoint), or an official SlotCon release checkpoint (e.g. ``slotcon_coco_r50_800ep.pth``:
+its teacher ``encoder_k``/``projector_k``/``grouping_k`` and centre, in this project's SlotCon).
+A checkpoint that cannot be used is refused with one line on stderr and exit status 2.
 DATA: a toy-scenes root (has ``meta.json``) or a COCO-Stuff root (``images/``, ``annotations/``).
 
 Writes a JSON result (``--out``, default ``<ckpt dir>/eval/<task>.json``) and prints it.
@@ -13,6 +15,7 @@ Examples::
     python -m pretrain.eval unsup_seg runs/demo_cpu data/toy_scenes --compare-random
     python -m pretrain.eval unsup_seg ckpt.pt /data/cocostuff --resolution 320
     python -m pretrain.eval retrieval ckpt.pt /data/cocostuff --file-list "" --max-images 5000
+    python -m pretrain.eval unsup_seg slotcon_coco_r50_800ep.pth /data/cocostuff
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from transfer.checkpoint_io import CheckpointError
 
 from .inference import default_device, load_method, resolve_checkpoint
 
@@ -117,10 +122,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the task and return the result written to JSON.
+
+    Raises CheckpointError (``pretrain.eval.inference.CheckpointRefused``) for an unusable checkpoint;
+    :func:`cli` turns it into exit status 2.
+    """
     args = parse_args(argv)
     args.device_obj = torch.device(args.device) if args.device else default_device()
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1) if args.device_obj.type == "cuda" else 0
+    ckpt_path = resolve_checkpoint(args.checkpoint)  # a missing checkpoint stops before the dataset is read
     kind = detect_dataset(args.data) if args.dataset == "auto" else args.dataset
     dataset = build_dataset(args.task, kind, args.data, args)
     # default output next to the run: <run>/eval for a run dir, <checkpoints dir>/eval for a file
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [("random_init", True)] if args.random_init else [("pretrained", False)]
     if args.compare_random:
         runs.append(("random_init", True))
-    result: dict = {"task": args.task, "checkpoint": str(resolve_checkpoint(args.checkpoint)), "data": str(args.data),
+    result: dict = {"task": args.task, "checkpoint": str(ckpt_path), "data": str(args.data),
                     "dataset": kind, "split": args.split, "num_images": len(dataset),
                     "resolution": getattr(dataset, "resolution", None)}
     for name, random_init in runs:
@@ -148,5 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` as a command: 0 on success, 2 with ``refused: <reason>`` (one line) for a bad checkpoint."""
+    try:
+        main(argv)
+    except CheckpointError as exc:
+        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

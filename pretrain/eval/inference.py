@@ -13,12 +13,25 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.checkpoint_io import CheckpointError, infer_arch, read_checkpoint, verify_resnet_state
+from transfer.official_slotcon import (is_official_checkpoint, official_args, official_method_state,
+                                       official_model_config, official_summary, official_teacher_encoder)
+
 from .datasets import collate
 
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU (one code path, chosen by device)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class CheckpointRefused(CheckpointError, KeyError):
+    """A checkpoint the evaluation cannot use; the message names the file and the reason.
+
+    Also a ``KeyError``, which is what the loader raised for a file that is no full training checkpoint.
+    """
+
+    __str__ = BaseException.__str__  # KeyError's would quote the message
 
 
 def model_config_from_dict(cfg: dict):
@@ -48,39 +61,111 @@ def resolve_checkpoint(path: str | Path) -> Path:
             found = find_latest(d)
             if found is not None:
                 return found[0]
-        raise FileNotFoundError(f"no loadable checkpoint in {path} or {path / 'checkpoints'}")
-    raise FileNotFoundError(f"checkpoint {path} not found")
+        raise CheckpointRefused(f"no loadable checkpoint in {path} or {path / 'checkpoints'}")
+    raise CheckpointRefused(f"checkpoint {path} not found")
+
+
+def _own_checkpoint(ckpt: object, path: Path) -> tuple[object, dict, dict]:
+    """``(ModelConfig, state dict, config dict)`` of this project's full training checkpoint."""
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointRefused(f"{path} is not a full training checkpoint: needs 'model' and 'config' "
+                                f"(an exported backbone has no prototypes to evaluate)")
+    cfg = ckpt["config"]
+    if not isinstance(cfg, dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointRefused(f"{path}: 'config' and 'model' must be dicts")
+    try:
+        model_cfg = model_config_from_dict(cfg)
+    except (KeyError, TypeError) as e:
+        raise CheckpointRefused(f"{path}: {e.args[0] if e.args else e}") from None
+    return model_cfg, ckpt["model"], cfg
+
+
+def _official_checkpoint(ckpt: dict, path: Path) -> tuple[object, dict, dict]:
+    """``(ModelConfig, state dict, config dict)`` of an official SlotCon release checkpoint.
+
+    The teacher encoder is verified against torchvision's layout before anything is built, so a
+    partial or wrong-depth file is refused with the key that is wrong rather than a load error.
+    """
+    args = official_args(ckpt)
+    if args is None:
+        raise CheckpointRefused(f"{path}: official SlotCon checkpoint without 'args' (argparse.Namespace): "
+                                f"the network it trained cannot be rebuilt")
+    teacher, declared = official_teacher_encoder(ckpt, str(path))
+    found = infer_arch(teacher)
+    if declared is not None and declared != found:
+        raise CheckpointRefused(f"{path}: args.arch is {declared!r} but the teacher encoder's tensors are a {found}")
+    verify_resnet_state(teacher, found, str(path))
+    model_cfg = official_model_config(args, str(path))
+    return model_cfg, official_method_state(ckpt, str(path)), official_summary(ckpt, model_cfg)
+
+
+def _load_complete(method: nn.Module, state: dict, path: Path, fill_counters: bool) -> None:
+    """Load ``state`` strictly, refusing (with the keys named) anything that would stay random or not fit.
+
+    ``fill_counters`` adds BN ``num_batches_tracked`` counters a foreign file may lack: bookkeeping
+    that eval-mode BN never reads.
+    """
+    expected = method.state_dict()
+    state = dict(state)
+    if fill_counters:
+        for k, v in expected.items():
+            if k.endswith("num_batches_tracked") and k not in state:
+                state[k] = torch.zeros_like(v)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected)
+                   if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (would stay random), e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes, e.g. " + ", ".join(
+            f"{k}: {tuple(getattr(state[k], 'shape', ()))} != {tuple(expected[k].shape)}" for k in wrong[:3]))
+    if problems:
+        raise CheckpointRefused(f"{path}: weights do not fit the network of its own config: " + "; ".join(problems))
+    method.load_state_dict(state, strict=True)
 
 
 def load_method(checkpoint: str | Path, device: torch.device | None = None, random_init: bool = False,
                 seed: int | None = None) -> tuple[nn.Module, dict]:
-    """Build the method named in a full training checkpoint and load its weights.
+    """Build the method a checkpoint trained and load its weights.
 
-    ``checkpoint`` may be a file or a run directory (newest checkpoint). ``random_init=True``
-    builds the *same* network from the checkpoint's config but keeps its random initialisation:
-    the untrained baseline of the demo, whose ``assign`` uses random prototypes. Its seed defaults
-    to the run's ``train.seed``, which (as the trainer seeds before building) reproduces the
+    ``checkpoint`` may be this project's full training checkpoint, a run directory (newest
+    checkpoint), or an official SlotCon release checkpoint (``args`` + ``module.encoder_k.*`` ...,
+    see ``transfer/official_slotcon.py``), which becomes this project's SlotCon with the official
+    teacher (and student) weights. ``random_init=True`` builds the *same* network from the
+    checkpoint's config but keeps its random initialisation: the untrained baseline of the demo,
+    whose ``assign`` uses random prototypes. Its seed defaults to the run's ``train.seed`` (an
+    official run's ``args.seed``), which (as the trainer seeds before building) reproduces the
     weights the run started from. Returns ``(method in eval mode, config dict)``.
+
+    Raises CheckpointRefused (a ``CheckpointError`` and ``KeyError``) naming the file and the reason:
+    unreadable, no prototypes to evaluate, or weights that do not fill the network exactly.
     """
     from ..methods import build_method
 
     path = resolve_checkpoint(checkpoint)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise KeyError(f"{path} is not a full training checkpoint: needs 'model' and 'config' "
-                       f"(an exported backbone has no prototypes to evaluate)")
-    cfg = ckpt["config"]
+    try:
+        ckpt = read_checkpoint(path)
+        official = is_official_checkpoint(ckpt)
+        model_cfg, state, cfg = (_official_checkpoint if official else _own_checkpoint)(ckpt, path)
+    except CheckpointRefused:
+        raise
+    except CheckpointError as e:
+        raise CheckpointRefused(str(e)) from None
     if seed is None:
         seed = int(cfg.get("train", {}).get("seed", 0))
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    method = build_method(model_config_from_dict(cfg))
+    try:
+        method = build_method(model_cfg)
+    except ValueError as e:
+        raise CheckpointRefused(f"{path}: cannot build the network of its config: {e}") from None
     if not random_init:
-        try:
-            method.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{path}: weights do not fit the network of its own config: {e}") from None
+        _load_complete(method, state, path, fill_counters=official)
     device = device or default_device()
     method = method.to(device)
     if device.type == "cuda":
