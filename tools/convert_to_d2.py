@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transfer.checkpoint_io import RESNET_LAYOUT, CheckpointError, load_teacher_encoder
+from transfer.checkpoint_io import RESNET_LAYOUT, CheckpointError, load_teacher_encoder_with_variant
 from transfer.detection.convert import summary, to_detectron2, write_d2_pickle
 
 DEPTHS = sorted(int(a[len("resnet"):]) for a in RESNET_LAYOUT)
@@ -27,10 +27,12 @@ DEPTHS = sorted(int(a[len("resnet"):]) for a in RESNET_LAYOUT)
 def convert(ckpt: str | Path, out: str | Path, depth: int | None = None) -> str:
     """Convert ``ckpt`` to ``out``; return the summary. Raises CheckpointError on refusal."""
     arch = None if depth is None else f"resnet{depth}"
-    state, arch = load_teacher_encoder(ckpt, arch)
+    state, arch, variant = load_teacher_encoder_with_variant(ckpt, arch)
     arrays = to_detectron2(state, arch)
-    write_d2_pickle(arrays, out)
-    return summary(ckpt, out, arch, arrays)
+    write_d2_pickle(arrays, out, encoder=variant)
+    return summary(ckpt, out, arch, arrays) + f"\nencoder    : {variant or 'not recorded'}" + (
+        "\n             (no stem max-pool: fine-tune with MODEL.RESNETS.STEM_POOL False, "
+        "e.g. configs/detection/mask_rcnn_R18_FPN_toy_scenes_demo.yaml)" if variant.get("stem_pool") is False else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tensors    {s['tensors']} (every key of mmseg ResNet-{s['depth']}, verified; no fc, no extras)")
     print(f"parameters {s['parameters']:,}")
     print(f"checksum   {s['checksum']}")
+    print(f"encoder    {s['encoder'] or 'not recorded'}"
+          + (" (no stem max-pool: transfer.segmentation builds ResNetStemVariant)" if s["encoder"].get("stem_pool") is False else ""))
     print(f"output     {s['output']}")
     print(f"use        python -m transfer.segmentation --config configs/segmentation/<cfg>.py --weights {s['output']}")
     return 0

@@ -228,8 +228,42 @@ def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str =
     return state
 
 
+STANDARD_ENCODER = {"stem_pool": True, "last_stride": 2}
+
+
+def encoder_variant(ckpt: object) -> dict[str, Any]:
+    """The encoder options of a loaded checkpoint that change the network built from the same keys.
+
+    ``{"stem_pool": bool, "last_stride": int}`` from a pretraining checkpoint's ``config["model"]`` or an
+    exported backbone's ``encoder``; the standard ResNet for the official SlotCon layout and plain
+    torchvision state dicts (their ResNets have the stem max-pool and stride 32); ``{}`` when unknown.
+    """
+    if not isinstance(ckpt, dict):
+        return {}
+    source = None
+    if isinstance(ckpt.get("encoder"), dict):
+        source = ckpt["encoder"]
+    elif isinstance(ckpt.get("config"), dict) and isinstance(ckpt["config"].get("model"), dict):
+        source = ckpt["config"]["model"]
+    if source is None:
+        from .official_slotcon import is_official_checkpoint
+
+        if is_official_checkpoint(ckpt) or is_torchvision_state(ckpt):
+            return dict(STANDARD_ENCODER)  # their ResNets are torchvision's own
+        return {}
+    return {"stem_pool": bool(source.get("stem_pool", True)), "last_stride": int(source.get("last_stride", 2))}
+
+
 def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Read the teacher encoder of ``path`` and verify it key by key.
+    """Read the teacher encoder of ``path`` and verify it key by key (:func:`load_teacher_encoder_with_variant`
+    without the encoder variant)."""
+    state, found, _ = load_teacher_encoder_with_variant(path, arch)
+    return state, found
+
+
+def load_teacher_encoder_with_variant(path: str | Path, arch: str | None = None
+                                      ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """Read the teacher encoder of ``path``, verify it key by key, and say which encoder variant it is.
 
     Args:
         path: full pretraining checkpoint, exported backbone, official SlotCon checkpoint, plain torchvision
@@ -237,15 +271,16 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
         arch: the depth the caller requires (e.g. ``"resnet50"``); ``None`` accepts the checkpoint's.
 
     Returns:
-        ``(state_dict, arch)``: torchvision ResNet key names, float tensors on CPU, no ``fc``,
-        no ``num_batches_tracked``; ``arch`` as ``"resnet<depth>"``.
+        ``(state_dict, arch, variant)``: torchvision ResNet key names, float tensors on CPU, no ``fc``,
+        no ``num_batches_tracked``; ``arch`` as ``"resnet<depth>"``; ``variant`` from :func:`encoder_variant`.
 
     Raises:
         CheckpointError: unreadable file, no encoder, a layout that is no ResNet, a declared arch that
         disagrees with the tensors, or an arch other than the requested one.
     """
     path = resolve_checkpoint(path)
-    state, declared = extract_teacher_encoder(read_checkpoint(path), str(path))
+    ckpt = read_checkpoint(path)
+    state, declared = extract_teacher_encoder(ckpt, str(path))
     found = infer_arch(state)
     if declared is not None and declared != found:
         raise CheckpointError(f"{path}: the checkpoint declares arch {declared!r} but its tensors are a {found}")
@@ -255,7 +290,7 @@ def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dic
             f"teacher encoder is a {found} (depth {depth_of(found)})"
         )
     state = verify_resnet_state(state, found, str(path))
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, found
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, found, encoder_variant(ckpt)
 
 
 def state_checksum(arrays: dict[str, np.ndarray]) -> str:

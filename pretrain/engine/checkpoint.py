@@ -123,42 +123,70 @@ def save_checkpoint(ckpt_dir: str | Path, state: dict, keep_last: int) -> Path:
     return path
 
 
-def export_backbone(backbone: nn.Module, arch: str, path: str | Path) -> Path:
-    """Write ``{"backbone": state_dict, "arch": arch}`` (torchvision ResNet key names, no fc)."""
+def encoder_variant(model_cfg: dict) -> dict:
+    """The encoder options a transfer target must rebuild (a checkpoint config's ``model`` section)."""
+    return {"stem_pool": bool(model_cfg.get("stem_pool", True)), "last_stride": int(model_cfg.get("last_stride", 2))}
+
+
+def export_backbone(backbone: nn.Module, arch: str, path: str | Path, encoder: dict | None = None) -> Path:
+    """Write ``{"backbone": state_dict, "arch": arch, "encoder": {...}}`` (torchvision ResNet key names, no fc).
+
+    ``encoder`` (:func:`encoder_variant`) records options such as ``stem_pool`` that change the network
+    built from the same keys; the converters carry it to Detectron2 and MMSegmentation.
+    """
     sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_save({"backbone": sd, "arch": arch}, path)
+    record = {"backbone": sd, "arch": arch}
+    if encoder is not None:
+        record["encoder"] = dict(encoder)
+    atomic_save(record, path)
     return Path(path)
 
 
-def export_teacher_backbone(checkpoint: str | Path, out: str | Path) -> Path:
-    """Tool function: extract the teacher encoder from a training checkpoint.
+def export_teacher_backbone(checkpoint: str | Path, out: str | Path, random_init: bool = False) -> Path:
+    """Tool function: extract the teacher encoder from a training checkpoint (or a run directory).
 
-    Keys under ``teacher_encoder.`` of ``model`` become the backbone state dict; the arch is
-    read from the checkpoint's config.
+    Keys under ``teacher_encoder.`` of ``model`` become the backbone state dict; the arch and encoder
+    variant are read from the checkpoint's config. ``random_init=True`` exports the same encoder as the
+    run initialised it (its ``train.seed``), before any training: the random-init baseline of a transfer
+    comparison that differs from the pretrained backbone in nothing but the training.
     """
+    if random_init:
+        from pretrain.eval.inference import load_method
+
+        method, cfg = load_method(checkpoint, torch.device("cpu"), random_init=True)
+        model_cfg = cfg.get("model", {})
+        return export_backbone(method.teacher_backbone(), model_cfg.get("arch", "unknown"), out,
+                               encoder_variant(model_cfg))
+    if Path(checkpoint).is_dir():
+        found = find_latest(Path(checkpoint) / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"no loadable checkpoint in {Path(checkpoint) / 'checkpoints'}")
+        checkpoint = found[0]
     ckpt = load_checkpoint(checkpoint)
     prefix = "teacher_encoder."
     sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not sd:
         raise KeyError(f"checkpoint {checkpoint} has no '{prefix}*' keys in 'model'")
-    arch = ckpt.get("config", {}).get("model", {}).get("arch", "unknown")
-    atomic_save({"backbone": sd, "arch": arch}, out)
+    model_cfg = ckpt.get("config", {}).get("model", {})
+    atomic_save({"backbone": sd, "arch": model_cfg.get("arch", "unknown"), "encoder": encoder_variant(model_cfg)}, out)
     return Path(out)
 
 
 __all__ = ["atomic_save", "rng_state", "set_rng_state", "checkpoint_path", "list_checkpoints", "load_checkpoint",
-           "find_latest", "prune", "save_checkpoint", "export_backbone", "export_teacher_backbone"]
+           "find_latest", "prune", "save_checkpoint", "encoder_variant", "export_backbone", "export_teacher_backbone"]
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m pretrain.engine.checkpoint CKPT OUT``: export the teacher backbone of a checkpoint."""
+    """``python -m pretrain.engine.checkpoint CKPT OUT [--random-init]``: export the teacher backbone of a checkpoint."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pretrain.engine.checkpoint", description=_main.__doc__)
-    p.add_argument("checkpoint", help="a training checkpoint (runs/<name>/checkpoints/ckpt_*.pth)")
+    p.add_argument("checkpoint", help="a training checkpoint (runs/<name>/checkpoints/ckpt_*.pth) or a run directory")
     p.add_argument("out", help="output file, e.g. teacher_backbone.pth")
+    p.add_argument("--random-init", action="store_true",
+                   help="export the encoder as the run initialised it (the random-init transfer baseline)")
     a = p.parse_args(argv)
-    print(export_teacher_backbone(a.checkpoint, a.out))
+    print(export_teacher_backbone(a.checkpoint, a.out, random_init=a.random_init))
     return 0
 
 

@@ -363,7 +363,8 @@ def _resume_source(cfg: PretrainConfig, ckpt_dir: Path) -> tuple[Path, dict] | N
 def _finish(cfg: PretrainConfig, method: nn.Module, run_dir: Path, is_main: bool, status: str, step: int,
             epoch: int, history: list) -> TrainResult:
     if is_main and cfg.train.export_backbone:
-        p = ckpt_io.export_backbone(method.teacher_backbone(), cfg.model.arch, run_dir / "teacher_backbone.pth")
+        p = ckpt_io.export_backbone(method.teacher_backbone(), cfg.model.arch, run_dir / "teacher_backbone.pth",
+                                    ckpt_io.encoder_variant(to_dict(cfg)["model"]))
         log.info("exported teacher backbone to %s", p)
     barrier()
     log.info("training %s at step %d (epoch %d)", status, step, epoch)

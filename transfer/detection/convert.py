@@ -98,15 +98,47 @@ def to_detectron2(state: dict[str, torch.Tensor], arch: str) -> dict[str, np.nda
     return out
 
 
-def write_d2_pickle(arrays: dict[str, np.ndarray], out: str | Path) -> Path:
-    """Write Detectron2's pickle format atomically (temporary file, then rename)."""
+def write_d2_pickle(arrays: dict[str, np.ndarray], out: str | Path, encoder: dict | None = None) -> Path:
+    """Write Detectron2's pickle format atomically (temporary file, then rename).
+
+    ``encoder`` (e.g. ``{"stem_pool": False, "last_stride": 2}``) records the pretraining encoder's
+    variant under the extra key ``encoder``, which Detectron2's checkpointer ignores and
+    ``python -m transfer.detection`` checks against the config.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    record = {"model": arrays, "__author__": AUTHOR, "matching_heuristics": True}
+    if encoder:
+        record["encoder"] = dict(encoder)
     with open(tmp, "wb") as f:
-        pickle.dump({"model": arrays, "__author__": AUTHOR, "matching_heuristics": True}, f)
+        pickle.dump(record, f)
     tmp.replace(out)
     return out
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: any other global is refused, so no code runs."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+
+def read_encoder_meta(path: str | Path) -> dict:
+    """The ``encoder`` record of a Detectron2 weights ``.pkl`` ({} when absent), read without running code."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as plain weights: {exc}") from exc
+    meta = data.get("encoder") if isinstance(data, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def summary(source: str | Path, out: str | Path, arch: str, arrays: dict[str, np.ndarray]) -> str:

@@ -34,6 +34,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+from transfer.checkpoint_io import CheckpointError
+from transfer.detection.backbones import add_stem_pool_key, check_stem
+from transfer.detection.convert import read_encoder_meta
 from transfer.detection.datasets import coco_paths, default_data_root, register_coco
 
 # A child of Detectron2's logger, so that default_setup's handlers (console + log.txt) print it.
@@ -160,12 +163,17 @@ def _replace_syncbn(node: CfgNode) -> list[str]:
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """The effective config: defaults <- YAML <- command line, then device and norm fixed up."""
     cfg = get_cfg()
+    add_stem_pool_key(cfg)
     cfg.merge_from_file(args.config)
     if args.opts:
         cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = "" if args.weights == SCRATCH else args.weights
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
+    stem_pool = None
+    if cfg.MODEL.WEIGHTS.endswith(".pkl") and not args.eval_only:
+        stem_pool = read_encoder_meta(cfg.MODEL.WEIGHTS).get("stem_pool")
+    check_stem(cfg, stem_pool, cfg.MODEL.WEIGHTS)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     world = args.num_gpus * args.num_machines
@@ -260,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
         problems.append(f"{args.num_gpus} GPUs x {args.num_machines} machines needs CUDA (Detectron2's launch uses "
                         "NCCL); on CPU run one process (--num-gpus 1 --num-machines 1)")
+    if not problems:
+        try:  # config errors (a bad key, a stem that does not fit the weights) stop here, not in a worker
+            setup_cfg(argparse.Namespace(**vars(args)))
+        except (ValueError, KeyError, AssertionError, CheckpointError) as exc:
+            problems.append(str(exc))
     if problems:
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)

@@ -22,6 +22,9 @@ LAYOUT_HINTS: dict[str, str] = {
         "cityscapes/ with leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
         "gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png (labelTrainIds made by mmseg's "
         "tools/dataset_converters/cityscapes.py or cityscapesscripts' createTrainIdLabelImgs)"),
+    "ToyScenesDataset": (
+        "the toy scenes (python tools/make_toy_scenes.py ROOT): train2017/*.jpg, val2017/*.jpg and "
+        "semantic/{train2017,val2017}/*.png (class id, 0 = background)"),
     "ADE20KDataset": (
         "ADEChallengeData2016/ with images/{training,validation}/*.jpg and annotations/{training,validation}/*.png"),
 }

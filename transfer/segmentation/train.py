@@ -24,8 +24,9 @@ from mmengine.logging import print_log  # noqa: E402
 
 from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
+from . import backbones, toy_scenes  # noqa: E402,F401  (register the encoder variant and the toy dataset)
 from .layout import check_layouts  # noqa: E402
-from .weights import check_weights_fit_config  # noqa: E402
+from .weights import check_weights_fit_config, load_converted  # noqa: E402
 
 LAUNCHERS = ("none", "pytorch", "slurm")
 
@@ -228,6 +229,10 @@ def build_config(args: SegArgs) -> Config:
             backbone.init_cfg = None
         else:
             backbone.init_cfg = dict(type="Pretrained", checkpoint=str(Path(args.weights).resolve()))
+            _, meta = load_converted(args.weights)
+            note = backbones.carry_encoder_variant(backbone, meta.get("encoder") or {})
+            if note:
+                print_log(note, logger="current")
         cfg.resume = bool(args.resume)
     return cfg
 

@@ -23,11 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer.checkpoint_io import CheckpointError, depth_of, key_shape_diff, load_teacher_encoder, state_checksum
+from transfer.checkpoint_io import (
+    CheckpointError, depth_of, key_shape_diff, load_teacher_encoder_with_variant, state_checksum,
+)
 
 from . import compat  # noqa: F401  (mmcv.ops placeholder before mmseg is imported)
 
 FORMAT = "mmseg-resnet"
+# Backbone types built from torchvision-style ResNet keys (ResNetStemVariant: transfer/segmentation/backbones.py).
+RESNET_TYPES = ("ResNet", "ResNetStemVariant")
 
 
 def mmseg_resnet_shapes(depth: int, backbone_cfg: dict | None = None) -> dict[str, tuple[int, ...]]:
@@ -94,10 +98,11 @@ def convert(src: str | Path, dst: str | Path, arch: str | None = None) -> dict[s
     Returns the summary: arch, number of tensors and parameters, checksum, paths.
     Raises CheckpointError (unreadable, no encoder, wrong depth, incomplete or extra keys).
     """
-    state, found = load_teacher_encoder(src, arch)
+    state, found, variant = load_teacher_encoder_with_variant(src, arch)
     out = to_mmseg_state(state, found, str(src))
     checksum = state_checksum({k: v.numpy() for k, v in state.items()})
-    meta = {"arch": found, "depth": depth_of(found), "source": str(src), "checksum": checksum, "format": FORMAT}
+    meta = {"arch": found, "depth": depth_of(found), "source": str(src), "checksum": checksum, "format": FORMAT,
+            "encoder": variant}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
@@ -130,10 +135,10 @@ def check_weights_fit_config(path: str | Path, backbone_cfg: dict) -> dict[str, 
     overrides that make the config match.
     """
     state, meta = load_converted(path)
-    if backbone_cfg.get("type") != "ResNet":
+    if backbone_cfg.get("type") not in RESNET_TYPES:
         raise CheckpointError(
             f"model.backbone.type is {backbone_cfg.get('type')!r}; converted torchvision-style weights fit "
-            "mmseg type='ResNet' only (ResNetV1c's deep stem would stay random)")
+            f"mmseg {' or '.join(RESNET_TYPES)} only (ResNetV1c's deep stem would stay random)")
     depth = int(backbone_cfg.get("depth", 50))
     file_depth = meta.get("depth")
     if file_depth is not None and int(file_depth) != depth:
