@@ -8,8 +8,10 @@ Steps, each one the command a user would type (printed before it runs):
    (``python -m pretrain.eval unsup_seg ... --compare-random``);
 4. slot pictures of a few held-out scenes (``tools/visualize_slots.py``);
 5. backbone conversion for Detectron2 and MMSegmentation (``tools/convert_to_d2.py``, ``tools/convert_to_mmseg.py``);
-6. a short Mask R-CNN fine-tune + COCO evaluation (``python -m transfer.detection``) and a short FCN
-   fine-tune + mIoU on the toy scenes in the VOC layout (``python -m transfer.segmentation``);
+6. transfer on the toy scenes' own train/val split: Mask R-CNN + COCO AP (``python -m transfer.detection``)
+   and FCN + mIoU (``python -m transfer.segmentation``), each fully fine-tuned and with the backbone frozen,
+   each from the pretrained backbone and from random initialisation with the same schedule and seed (the
+   two runs of a pair side by side, one thread each: two small processes use two cores better than one);
 7. one summary table (also written as ``summary.json`` / ``summary.md``) and the TensorBoard command.
 
 A step that fails stops the demo with the command that failed; artefacts of finished steps stay in place.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -44,6 +47,64 @@ def _run(cmd: list[str], log: Path, timings: dict[str, float], name: str) -> Non
     timings[name] = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"demo: step '{name}' failed with exit code {rc}; its output is in {log}")
+
+
+def _run_pair(cmds: dict[str, list[str]], logs: dict[str, Path], timings: dict[str, float], name: str) -> None:
+    """Run two steps side by side with one thread each (outputs go to their logs); stop if either fails."""
+    for tag, cmd in cmds.items():
+        print(f"\n==> [{name}, {tag}] {shlex.join(cmd)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    procs = {}
+    for tag, cmd in cmds.items():
+        f = open(logs[tag], "wb")
+        procs[tag] = (subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env), f)
+    print(f"    running side by side; logs: {', '.join(str(p) for p in logs.values())}", flush=True)
+    failed = []
+    for tag, (proc, f) in procs.items():
+        rc = proc.wait()
+        f.close()
+        if rc != 0:
+            failed.append(f"'{name}, {tag}' failed with exit code {rc}; its output is in {logs[tag]}")
+    timings[name] = time.perf_counter() - t0
+    print(f"    done in {timings[name]:.0f} s", flush=True)
+    if failed:
+        raise SystemExit("demo: step " + "; ".join(failed))
+
+
+def transfer_runs(py: str, data: Path, out: Path, weights: dict[str, tuple[Path, Path]], iters: int | None = None
+                  ) -> dict[str, dict[str, tuple[list[str], Path]]]:
+    """The transfer pairs: ``{pair name: {"pretrained" | "random": (command, metrics.json)}}``.
+
+    ``weights[init]`` is ``(Detectron2 .pkl, MMSegmentation .pth)``. Both runs of a pair use the same config,
+    schedule and seed; only the backbone's weights differ: the pretrained teacher, or the same encoder as
+    pretraining initialised it (what pretraining started from, so the difference is what it learned). Both
+    files record the encoder variant (no stem max-pool), which the entry points rebuild. ``iters`` shortens
+    both schedules (a quick check, not a comparison).
+    """
+    det_cfg = "configs/detection/mask_rcnn_R18_FPN_toy_scenes_demo.yaml"
+    seg_cfg = "configs/segmentation/fcn_r18-d16_toy_scenes_demo.py"
+    frozen = {"det": ["MODEL.BACKBONE.FREEZE_AT", "5"],
+              "seg": ["+model.backbone.frozen_stages=4", "+model.backbone.norm_eval=True"]}
+    short_det = [] if iters is None else ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "1",
+                                         "TEST.PRECISE_BN.NUM_ITER", "1"]
+    short_seg = [] if iters is None else [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
+                                         f"default_hooks.checkpoint.interval={iters}", f"param_scheduler.0.end={iters}"]
+    runs: dict[str, dict[str, tuple[list[str], Path]]] = {}
+    for mode in ("full", "frozen"):
+        det, seg = {}, {}
+        for init in ("pretrained", "random"):
+            d = out / "transfer" / f"det_{mode}_{init}"
+            det[init] = ([py, "-m", "transfer.detection", "--config", det_cfg, "--weights", str(weights[init][0]),
+                          "--data-root",
+                          str(data), "--output-dir", str(d), *(frozen["det"] if mode == "frozen" else []), *short_det],
+                         d / "metrics.json")
+            d = out / "transfer" / f"seg_{mode}_{init}"
+            seg[init] = ([py, "-m", "transfer.segmentation", "--config", seg_cfg, "--weights", str(weights[init][1]),
+                          "--data-root", str(data), "--work-dir", str(d),
+                          *(frozen["seg"] if mode == "frozen" else []), *short_seg], d / "metrics.json")
+        runs[f"detectron2 {mode}"], runs[f"mmseg {mode}"] = det, seg
+    return runs
 
 
 def _loss_start_end(run_dir: Path) -> tuple[float, float, int]:
@@ -80,14 +141,22 @@ def toy_scenes_command(py: str, data: Path) -> list[str] | None:
     return cmd
 
 
-def transfer_metrics(det_dir: Path, seg_dir: Path, ran: bool) -> tuple[dict, dict]:
-    """The transfer steps' ``metrics.json`` contents, or empty dicts where absent or not run now: with
-    ``--skip-transfer``, metrics left in the folder by an earlier run must not pass for this run's."""
-    def read(d: Path) -> dict:
-        f = d / "metrics.json"
-        return json.loads(f.read_text()) if ran and f.exists() else {}
-
-    return read(det_dir), read(seg_dir)
+def transfer_metrics(runs: dict[str, dict[str, tuple[list[str], Path]]], ran: bool) -> dict[str, float | None]:
+    """``{"det_full_pretrained_AP_b": .., "seg_frozen_random_mIoU": .., ...}`` from the runs' ``metrics.json``;
+    None where absent or not run now: with ``--skip-transfer``, metrics left in the folder by an earlier run
+    must not pass for this run's."""
+    out: dict[str, float | None] = {}
+    for pair, by_init in runs.items():
+        task, mode = pair.split()
+        for init, (_, path) in by_init.items():
+            rec = json.loads(path.read_text()) if ran and path.is_file() else {}
+            key = f"{'det' if task == 'detectron2' else 'seg'}_{mode}_{init}"
+            if task == "detectron2":
+                out[f"{key}_AP_b"] = (rec.get("bbox") or {}).get("AP")
+                out[f"{key}_AP_m"] = (rec.get("segm") or {}).get("AP")
+            else:
+                out[f"{key}_mIoU"] = (rec.get("metrics") or {}).get("mIoU")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="data/toy_scenes", help="toy scenes folder (generated if absent)")
     ap.add_argument("--seed", type=int, default=0, help="pretraining seed")
     ap.add_argument("--skip-transfer", action="store_true", help="stop after evaluation and conversion")
+    ap.add_argument("--transfer-iters", type=int, default=None,
+                    help="shorten every transfer fine-tune to this many iterations (a quick check, not a comparison)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for the pretraining config")
     args = ap.parse_args(argv)
 
@@ -131,27 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "tools/convert_to_d2.py", str(run_dir), str(d2_weights)], logs / "convert_d2.log", timings, "convert d2")
     _run([py, "tools/convert_to_mmseg.py", str(run_dir), str(mmseg_weights)], logs / "convert_mmseg.log", timings,
          "convert mmseg")
-    det_dir, seg_dir = out / "detectron2", out / "mmseg_voc"
+    # the transfer baseline: the same encoder as the run initialised it, converted the same way
+    random_backbone = out / "random_init_backbone.pth"
+    random_weights = (out / "random_init_d2.pkl", out / "random_init_mmseg.pth")
+    _run([py, "-m", "pretrain.engine.checkpoint", str(run_dir), str(random_backbone), "--random-init"],
+         logs / "export_random_init.log", timings, "export random init")
+    _run([py, "tools/convert_to_d2.py", str(random_backbone), str(random_weights[0])],
+         logs / "convert_d2_random_init.log", timings, "convert d2 (random init)")
+    _run([py, "tools/convert_to_mmseg.py", str(random_backbone), str(random_weights[1])],
+         logs / "convert_mmseg_random_init.log", timings, "convert mmseg (random init)")
+    runs = transfer_runs(py, data, out, {"pretrained": (d2_weights, mmseg_weights), "random": random_weights},
+                         args.transfer_iters)
     if not args.skip_transfer:
-        # 6. transfer
-        _run([py, "-m", "transfer.detection", "--config", "configs/detection/mask_rcnn_FPN_smoke_cpu.yaml",
-              "--weights", str(d2_weights), "--data-root", str(data), "--output-dir", str(det_dir)],
-             logs / "detectron2.log", timings, "detectron2")
-        voc_root = data.parent / (data.name + "_voc")
-        if not (voc_root / "VOCdevkit").exists():
-            from transfer.segmentation.toy_layouts import make_voc
-
-            make_voc(voc_root, n_train=16, n_aug=16, n_val=8, size=64)
-        _run([py, "-m", "transfer.segmentation", "--config", "configs/segmentation/fcn_d6_r50-d16_voc12aug_smoke.py",
-              "--weights", str(mmseg_weights), "--data-root", str(voc_root / "VOCdevkit" / "VOC2012"),
-              "--work-dir", str(seg_dir), "model.backbone.depth=18", "model.decode_head.in_channels=512"],
-             logs / "mmseg.log", timings, "mmseg")
+        # 6. transfer: pretrained vs random init, full fine-tune and frozen backbone
+        for pair, by_init in runs.items():
+            _run_pair({init: cmd for init, (cmd, _) in by_init.items()},
+                      {init: logs / f"{pair.replace(' ', '_')}_{init}.log" for init in by_init}, timings, pair)
     timings["total"] = time.perf_counter() - t_start
 
     # 7. summary
     loss0, loss1, steps = _loss_start_end(run_dir)
     unsup = json.loads(unsup_json.read_text())
-    det, seg = transfer_metrics(det_dir, seg_dir, ran=not args.skip_transfer)
+    tm = transfer_metrics(runs, ran=not args.skip_transfer)
     summary = {
         "seed": args.seed,
         "pretrain_steps": steps,
@@ -161,22 +233,26 @@ def main(argv: list[str] | None = None) -> int:
         "unsup_miou_random": unsup["random_init"]["miou"],
         "unsup_pacc_pretrained": unsup["pretrained"]["pacc"],
         "unsup_pacc_random": unsup["random_init"]["pacc"],
-        "det_bbox_AP": (det.get("bbox") or {}).get("AP"),
-        "det_segm_AP": (det.get("segm") or {}).get("AP"),
-        "seg_mIoU": (seg.get("metrics") or {}).get("mIoU"),
+        **tm,
         "seconds": timings,
         "artefacts": {
             "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"), "slot_pictures": str(pictures),
             "unsup_seg": str(unsup_json), "d2_weights": str(d2_weights), "mmseg_weights": str(mmseg_weights),
-            "detectron2": str(det_dir), "mmseg": str(seg_dir),
+            "transfer": str(out / "transfer"),
         },
     }
     rows = [
         ("pretrain loss (first -> last epoch)", f"{loss0:.3f} -> {loss1:.3f} ({steps} steps)"),
         ("unsup. seg. mIoU pretrained / random init", f"{_fmt(summary['unsup_miou_pretrained'])} / {_fmt(summary['unsup_miou_random'])}"),
         ("unsup. seg. pAcc pretrained / random init", f"{_fmt(summary['unsup_pacc_pretrained'])} / {_fmt(summary['unsup_pacc_random'])}"),
-        ("Detectron2 Mask R-CNN AP^b / AP^m (toy, smoke)", f"{_fmt(summary['det_bbox_AP'])} / {_fmt(summary['det_segm_AP'])}"),
-        ("MMSeg FCN mIoU (toy VOC layout, smoke)", _fmt(summary["seg_mIoU"])),
+        *[(f"Mask R-CNN AP^b / AP^m, {mode} ({'backbone frozen' if mode == 'frozen' else 'fine-tuned'}): "
+           "pretrained | random",
+           f"{_fmt(tm[f'det_{mode}_pretrained_AP_b'])} / {_fmt(tm[f'det_{mode}_pretrained_AP_m'])} | "
+           f"{_fmt(tm[f'det_{mode}_random_AP_b'])} / {_fmt(tm[f'det_{mode}_random_AP_m'])}")
+          for mode in ("full", "frozen")],
+        *[(f"FCN mIoU, {mode} ({'backbone frozen' if mode == 'frozen' else 'fine-tuned'}): pretrained | random",
+           f"{_fmt(tm[f'seg_{mode}_pretrained_mIoU'])} | {_fmt(tm[f'seg_{mode}_random_mIoU'])}")
+          for mode in ("full", "frozen")],
         ("run dir (checkpoints, log, config)", str(run_dir)),
         ("slot pictures", str(pictures)),
         ("Detectron2 / MMSeg weights", f"{d2_weights} / {mmseg_weights}"),

@@ -229,10 +229,11 @@ def build_config(args: SegArgs) -> Config:
             backbone.init_cfg = None
         else:
             backbone.init_cfg = dict(type="Pretrained", checkpoint=str(Path(args.weights).resolve()))
-            _, meta = load_converted(args.weights)
-            note = backbones.carry_encoder_variant(backbone, meta.get("encoder") or {})
-            if note:
-                print_log(note, logger="current")
+            if Path(args.weights).is_file():  # a missing file is reported by the weights check in run()
+                _, meta = load_converted(args.weights)
+                note = backbones.carry_encoder_variant(backbone, meta.get("encoder") or {})
+                if note:
+                    print_log(note, logger="current")
         cfg.resume = bool(args.resume)
     return cfg
 
