@@ -8,8 +8,9 @@ It asserts the issue's goal for the default seed: at least 10 mIoU points over r
 lists the numbers of three seeds). Without vertical flips, or with the old background-dominated scenes,
 the gain was 1-4 points; the entropy check catches a collapsed grouping that a lucky mIoU could hide.
 
-Slow (about 7 minutes of pretraining on 2 quiet cores): it runs the real ``python -m pretrain`` and
-``python -m pretrain.eval`` commands of ``make demo``.
+Slow (7 minutes of pretraining on 2 quiet cores with AVX512-BF16, about 17 in float32 on an AVX2-only CPU):
+it runs the real ``python -m pretrain`` and ``python -m pretrain.eval`` commands of ``make demo``. With the
+residual blocks zero-initialised (the official recipe, now the demo's) seed 0 gave 50.8 vs 12.6 in float32.
 """
 from __future__ import annotations
 
