@@ -40,8 +40,28 @@ def metrics_of(task: str, record: dict) -> dict[str, float | None]:
     return out
 
 
+def _published_protocol(task: str, config: str | None) -> bool:
+    """Whether a transfer job ran its task's default config: the protocol the published numbers came from.
+
+    A job without a recorded config ran the default. Another config (``--task-config``, e.g. a
+    ``*_imagenetnorm.py`` variant) measures something else, so its difference to the paper would mislead.
+    """
+    from slurm.transfer import TASKS
+
+    default = TASKS[task].config if task in TASKS else None
+    if not config or default is None:
+        return True
+    # Compared by the repository-relative tail: jobs.json holds absolute paths of the checkout that
+    # submitted, which need not be the one collecting.
+    want = Path(default).parts
+    return Path(config).parts[-len(want):] == want
+
+
 def collect(run_dir: str | Path) -> tuple[str, dict]:
-    """Build the table for ``run_dir``; returns (markdown, json-able dict) and writes both files."""
+    """Build the table for ``run_dir``; returns (markdown, json-able dict) and writes both files.
+
+    The difference row compares only metrics from jobs that ran the published protocol configs.
+    """
     run_dir = Path(run_dir)
     jobs = registry.load(run_dir).get("jobs", [])
     pre = [j for j in jobs if j["kind"] == "pretrain"]
@@ -49,8 +69,10 @@ def collect(run_dir: str | Path) -> tuple[str, dict]:
     ours: dict[str, float | None] = {k: None for k in METRICS}
     sources: dict[str, str] = {}
     problems: list[str] = []
+    other_protocol: dict[str, str] = {}
     for j in (j for j in jobs if j["kind"] == "transfer"):
         task = j["extra"].get("task", "")
+        config = j["extra"].get("config")
         path = Path(j["extra"].get("metrics") or run_dir / "transfer" / task / "metrics.json")
         if not path.is_file():
             problems.append(f"{task} (job {j['job_id']}): no metrics yet at {path}")
@@ -64,6 +86,10 @@ def collect(run_dir: str | Path) -> tuple[str, dict]:
             if v is not None:  # the newest job of a task wins (jobs.json is in submission order)
                 ours[k] = v
                 sources[k] = str(path)
+                if _published_protocol(task, config):
+                    other_protocol.pop(k, None)
+                else:
+                    other_protocol[k] = str(config)
     settings = [setting] if setting else list(SLOTCON)
     cols = list(METRICS)
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
@@ -76,14 +102,19 @@ def collect(run_dir: str | Path) -> tuple[str, dict]:
                      + " | ".join(fmt(SLOTCON[s][c]) for c in cols) + " |")
     if setting:
         lines.append("| difference | " + " | ".join(
-            "–" if ours[c] is None else f"{ours[c] - SLOTCON[setting][c]:+.1f}" for c in cols) + " |")
+            "–" if ours[c] is None or c in other_protocol else f"{ours[c] - SLOTCON[setting][c]:+.1f}"
+            for c in cols) + " |")
     lines += ["", "Published: Wen et al., SlotCon (NeurIPS 2022), Tables 2 and 3; Mask R-CNN R50-FPN 1x "
               "(COCO), FCN (Cityscapes, VOC aug, ADE20K)."]
+    if other_protocol:
+        lines += ["", "Not compared with the paper (not the published protocol config):"] + [
+            f"- {METRICS[k][0]}: {cfg}" for k, cfg in other_protocol.items()]
     if problems:
         lines += ["", "Missing:"] + [f"- {p}" for p in problems]
     md = "\n".join(lines) + "\n"
     data = {"run_dir": str(run_dir.resolve()), "setting": setting, "this_run": ours, "sources": sources,
-            "published": {s: SLOTCON[s] for s in settings}, "missing": problems}
+            "published": {s: SLOTCON[s] for s in settings}, "missing": problems,
+            "not_published_protocol": other_protocol}
     (run_dir / "results.md").write_text(md)
     (run_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     return md, data

@@ -5,7 +5,9 @@
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # plain BN where SyncBN cannot run (entry point)
 data_preprocessor = dict(
     type='SegDataPreProcessor',
-    mean=[123.675, 116.28, 103.53],  # ImageNet normalisation, as in pretraining
+    # ImageNet normalisation in the 0-255 scale, as in pretraining and ADE20K's published config; the VOC and
+    # Cityscapes protocol configs replace it with what their published configs did (0-1 statistics).
+    mean=[123.675, 116.28, 103.53],
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
     pad_val=0,
