@@ -171,7 +171,8 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
     stem_pool = None
-    if cfg.MODEL.WEIGHTS.endswith(".pkl") and not args.eval_only:
+    # A missing file is reported by main()'s input checks; a Detectron2 .pth checkpoint records no variant.
+    if cfg.MODEL.WEIGHTS.endswith(".pkl") and not args.eval_only and Path(cfg.MODEL.WEIGHTS).is_file():
         stem_pool = read_encoder_meta(cfg.MODEL.WEIGHTS).get("stem_pool")
     check_stem(cfg, stem_pool, cfg.MODEL.WEIGHTS)
     if not torch.cuda.is_available():
