@@ -228,9 +228,6 @@ def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str =
     return state
 
 
-STANDARD_ENCODER = {"stem_pool": True, "last_stride": 2}
-
-
 def encoder_variant(ckpt: object) -> dict[str, Any]:
     """The encoder options of a loaded checkpoint that change the network built from the same keys.
 
@@ -249,9 +246,12 @@ def encoder_variant(ckpt: object) -> dict[str, Any]:
         from .official_slotcon import is_official_checkpoint
 
         if is_official_checkpoint(ckpt) or is_torchvision_state(ckpt):
-            return dict(STANDARD_ENCODER)  # their ResNets are torchvision's own
-        return {}
-    return {"stem_pool": bool(source.get("stem_pool", True)), "last_stride": int(source.get("last_stride", 2))}
+            source = {}  # their ResNets are torchvision's own: the defaults
+        else:
+            return {}
+    from pretrain.engine.checkpoint import encoder_variant as variant_of_model_config
+
+    return variant_of_model_config(source)
 
 
 def load_teacher_encoder(path: str | Path, arch: str | None = None) -> tuple[dict[str, torch.Tensor], str]:

@@ -157,11 +157,9 @@ def export_teacher_backbone(checkpoint: str | Path, out: str | Path, random_init
         model_cfg = cfg.get("model", {})
         return export_backbone(method.teacher_backbone(), model_cfg.get("arch", "unknown"), out,
                                encoder_variant(model_cfg))
-    if Path(checkpoint).is_dir():
-        found = find_latest(Path(checkpoint) / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no loadable checkpoint in {Path(checkpoint) / 'checkpoints'}")
-        checkpoint = found[0]
+    from pretrain.eval.inference import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     prefix = "teacher_encoder."
     sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}

@@ -24,7 +24,6 @@ from mmengine.logging import print_log  # noqa: E402
 
 from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
-from . import backbones, toy_scenes  # noqa: E402,F401  (register the encoder variant and the toy dataset)
 from .layout import check_layouts  # noqa: E402
 from .weights import check_weights_fit_config, load_converted  # noqa: E402
 
@@ -231,7 +230,9 @@ def build_config(args: SegArgs) -> Config:
             backbone.init_cfg = dict(type="Pretrained", checkpoint=str(Path(args.weights).resolve()))
             if Path(args.weights).is_file():  # a missing file is reported by the weights check in run()
                 _, meta = load_converted(args.weights)
-                note = backbones.carry_encoder_variant(backbone, meta.get("encoder") or {})
+                from .backbones import carry_encoder_variant
+
+                note = carry_encoder_variant(backbone, meta.get("encoder") or {})
                 if note:
                     print_log(note, logger="current")
         cfg.resume = bool(args.resume)
@@ -254,6 +255,7 @@ def run(args: SegArgs) -> dict[str, Any]:
     from mmengine.runner import Runner
     from mmseg.utils import register_all_modules
 
+    from . import backbones, toy_scenes  # noqa: F401  (register ResNetStemVariant and ToyScenesDataset)
     from .hooks import MetricsJsonHook, PreemptionHook, VerifyBackboneHook
 
     register_all_modules(init_default_scope=False)
