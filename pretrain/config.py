@@ -5,13 +5,20 @@ structured configs), then the command-line overrides are merged on top. Any unkn
 value of the wrong type is a :class:`ConfigError` that names the full key and lists the valid
 keys of its section, so a typo never silently falls back to a default.
 
+Then every value is checked (:func:`validate`): no float may be NaN or infinite, and each
+section's rule table (ranges, choices, list lengths) and its rules across fields must hold. The
+first broken rule is a :class:`ConfigError` naming the key, what it accepts and the value found,
+so ``python -m pretrain`` exits 64 before it builds a model or a loader.
+
 Sections: ``data`` (:class:`pretrain.data.config.DataConfig`), ``model``
 (:class:`pretrain.methods.config.ModelConfig`), ``optim``, ``train`` and ``log`` (below).
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +26,43 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.data.config import DataConfig
-from pretrain.methods.config import ModelConfig
+from pretrain.config_rules import (NON_EMPTY, NON_NEGATIVE, POSITIVE, Choice, Problem, Rule, at_least,
+                                   check_fields, choice_enum, interval, non_finite)
+from pretrain.data.config import DataConfig, data_problems
 from pretrain.engine.precision import AMP_CHOICES
+from pretrain.engine.schedules import peak_lr
+from pretrain.methods.config import ModelConfig, model_problems
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+class OptimName(Choice):
+    """``optim.name``: LARS (SlotCon's), momentum SGD or AdamW (DINO's)."""
+
+    lars = "lars"
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Device(Choice):
+    """``train.device``: ``auto`` is the local GPU where CUDA is available, else the CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# The precision module owns the choices (it resolves them); the enum only lets OmegaConf check them.
+Amp = choice_enum("Amp", AMP_CHOICES, __name__)
+
+
 @dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule (SlotCon Sec. 4.1; recipe details in DESIGN.md)."""
 
-    name: str = "lars"  # lars | sgd | adamw
+    name: OptimName = OptimName.lars
     base_lr: float = 1.0  # peak LR = base_lr * batch_size / 256 when scale_lr is true
     scale_lr: bool = True  # linear scaling rule (LearningRate = 1.0 x BatchSize/256)
     weight_decay: float = 1e-5
@@ -51,8 +81,9 @@ class TrainConfig:
     epochs: int = 800
     max_steps: int = 0  # stop after this many global steps (0: run all epochs); schedules still span all epochs
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 where the hardware has it; fp16 on other GPUs; none on other CPUs) | none | bf16 | fp16
+    device: Device = Device.auto
+    # auto: bf16 where the hardware computes it, fp16 on other GPUs, none on other CPUs | none | bf16 | fp16
+    amp: Amp = Amp.auto  # type: ignore[valid-type]
     channels_last: bool = True
     compile: bool = False  # torch.compile the method
     deterministic: bool = False  # deterministic algorithms (exact resume checks; slower)
@@ -88,11 +119,77 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-_CHOICES = {
-    "optim.name": ("lars", "sgd", "adamw"),
-    "train.amp": AMP_CHOICES,
-    "train.device": ("auto", "cpu", "cuda"),
+OPTIM_RULES: dict[str, Rule] = {
+    "base_lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    # The heavy-ball (and AdamW's first-moment) average diverges at 1: the step never decays.
+    "momentum": interval("[0, 1)"),
+    "lars_eta": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE,
+    "batch_size": at_least(1),
+    "clip_grad": NON_NEGATIVE,  # 0 disables clipping
 }
+
+TRAIN_RULES: dict[str, Rule] = {
+    "epochs": at_least(1),
+    "max_steps": NON_NEGATIVE,  # 0: run all epochs
+    # The data's seeds are unsigned 64-bit hashes of (seed, epoch, index) and numpy refuses negative ones.
+    "seed": interval(f"[0, {2**32})"),
+    "checkpoint_every_steps": NON_NEGATIVE,  # 0: only at epoch end
+    "keep_last": at_least(1),
+    "resume": NON_EMPTY,  # auto | none | a checkpoint path
+}
+
+LOG_RULES: dict[str, Rule] = {
+    "every_steps": NON_NEGATIVE,
+    "image_every_steps": NON_NEGATIVE,  # 0 disables the pictures
+}
+
+
+def optim_problems(cfg: PretrainConfig) -> Iterator[Problem]:
+    """Every broken rule of the ``optim`` section (the warm-up is checked against ``train.epochs``)."""
+    o = cfg.optim
+    yield from check_fields(o, "optim", OPTIM_RULES)
+    if o.warmup_epochs > cfg.train.epochs:
+        yield Problem("optim.warmup_epochs", o.warmup_epochs, f"<= train.epochs ({cfg.train.epochs})")
+    peak = peak_lr(o.base_lr, o.batch_size, o.scale_lr)
+    if o.min_lr > peak:  # the cosine would climb from the peak instead of decaying to min_lr
+        scaled = " (optim.base_lr x optim.batch_size / 256)" if o.scale_lr else ""
+        yield Problem("optim.min_lr", o.min_lr, f"<= the peak learning rate {peak:.6g}{scaled}")
+
+
+def train_problems(cfg: PretrainConfig) -> Iterator[Problem]:
+    """Every broken rule of the ``train`` section (``train.debug_nan_at_step`` is a test hook, unchecked)."""
+    yield from check_fields(cfg.train, "train", TRAIN_RULES)
+
+
+def log_problems(cfg: PretrainConfig) -> Iterator[Problem]:
+    """Every broken rule of the ``log`` section."""
+    lc = cfg.log
+    yield from check_fields(lc, "log", LOG_RULES)
+    if lc.image_every_steps > 0 and lc.tensorboard and lc.num_images < 1:
+        yield Problem("log.num_images", lc.num_images, ">= 1 when pictures are on (log.image_every_steps > 0)")
+
+
+def problems(cfg: PretrainConfig) -> Iterator[Problem]:
+    """Every broken rule of a whole config, in order: non-finite floats anywhere, the run's name, then
+    the sections ``data``, ``model``, ``optim``, ``train``, ``log``."""
+    return chain(
+        non_finite(cfg),
+        check_fields(cfg, "", {"name": NON_EMPTY}),
+        data_problems(cfg.data),
+        model_problems(cfg.model),
+        optim_problems(cfg),
+        train_problems(cfg),
+        log_problems(cfg),
+    )
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Raise :class:`ConfigError` for the first broken rule of ``cfg`` (see :func:`problems`)."""
+    for problem in problems(cfg):
+        raise ConfigError(problem.message())
 
 
 def _section_fields(schema: Any, path: list[str]) -> tuple[Any, str]:
@@ -162,28 +259,6 @@ def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
         raise ConfigError(f"invalid value for config key '{key}' in {what}: {msg}") from None
 
 
-def _validate(cfg: PretrainConfig) -> None:
-    for key, choices in _CHOICES.items():
-        sec, name = key.split(".")
-        value = getattr(getattr(cfg, sec), name)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
-    positive = {"optim.batch_size": cfg.optim.batch_size, "train.epochs": cfg.train.epochs,
-                "train.keep_last": cfg.train.keep_last, "optim.base_lr": cfg.optim.base_lr}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value!r}")
-    for key, value in {"optim.warmup_epochs": cfg.optim.warmup_epochs, "train.max_steps": cfg.train.max_steps,
-                       "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
-                       "log.every_steps": cfg.log.every_steps, "optim.weight_decay": cfg.optim.weight_decay,
-                       "log.image_every_steps": cfg.log.image_every_steps}.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
-    if cfg.optim.warmup_epochs > cfg.train.epochs:
-        raise ConfigError(f"config key 'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds "
-                          f"'train.epochs' ({cfg.train.epochs})")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """Load a pretraining config.
 
@@ -224,7 +299,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = raw
         cfg = _merge(cfg, _nested(key, value), f"override '{item}'")
     obj: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    _validate(obj)
+    validate(obj)
     return obj
 
 
@@ -239,8 +314,11 @@ def _nested(key: str, value: Any) -> dict:
 
 
 def to_dict(cfg: PretrainConfig) -> dict:
-    """The config as a plain nested dict of primitives (for checkpoints: loads with weights_only)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The config as a plain nested dict of primitives (for checkpoints: loads with weights_only).
+
+    Choices become their string values: ``torch.load(weights_only=True)`` refuses enum members.
+    """
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: PretrainConfig) -> str:
@@ -253,5 +331,6 @@ def save_config(cfg: PretrainConfig, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
-__all__ = ["ConfigError", "OptimConfig", "TrainConfig", "LogConfig", "PretrainConfig",
-           "load_config", "save_config", "to_dict", "to_yaml"]
+__all__ = ["ConfigError", "OptimName", "Device", "Amp", "OptimConfig", "TrainConfig", "LogConfig", "PretrainConfig",
+           "OPTIM_RULES", "TRAIN_RULES", "LOG_RULES", "problems", "validate", "load_config", "save_config", "to_dict",
+           "to_yaml"]
