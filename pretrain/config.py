@@ -147,42 +147,45 @@ LOG_RULES: dict[str, Rule] = {
 }
 
 
-def optim_problems(cfg: PretrainConfig) -> Iterator[Problem]:
-    """Every broken rule of the ``optim`` section (the warm-up is checked against ``train.epochs``)."""
-    o = cfg.optim
+def optim_problems(o: OptimConfig) -> Iterator[Problem]:
+    """Every broken rule of the ``optim`` section (its warm-up against ``train.epochs``: :func:`problems`)."""
     yield from check_fields(o, "optim", OPTIM_RULES)
-    if o.warmup_epochs > cfg.train.epochs:
-        yield Problem("optim.warmup_epochs", o.warmup_epochs, f"<= train.epochs ({cfg.train.epochs})")
     peak = peak_lr(o.base_lr, o.batch_size, o.scale_lr)
     if o.min_lr > peak:  # the cosine would climb from the peak instead of decaying to min_lr
         scaled = " (optim.base_lr x optim.batch_size / 256)" if o.scale_lr else ""
         yield Problem("optim.min_lr", o.min_lr, f"<= the peak learning rate {peak:.6g}{scaled}")
 
 
-def train_problems(cfg: PretrainConfig) -> Iterator[Problem]:
+def train_problems(t: TrainConfig) -> Iterator[Problem]:
     """Every broken rule of the ``train`` section (``train.debug_nan_at_step`` is a test hook, unchecked)."""
-    yield from check_fields(cfg.train, "train", TRAIN_RULES)
+    yield from check_fields(t, "train", TRAIN_RULES)
 
 
-def log_problems(cfg: PretrainConfig) -> Iterator[Problem]:
+def log_problems(lc: LogConfig) -> Iterator[Problem]:
     """Every broken rule of the ``log`` section."""
-    lc = cfg.log
     yield from check_fields(lc, "log", LOG_RULES)
     if lc.image_every_steps > 0 and lc.tensorboard and lc.num_images < 1:
         yield Problem("log.num_images", lc.num_images, ">= 1 when pictures are on (log.image_every_steps > 0)")
 
 
+def _across_sections(cfg: PretrainConfig) -> Iterator[Problem]:
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        yield Problem("optim.warmup_epochs", cfg.optim.warmup_epochs, f"<= train.epochs ({cfg.train.epochs})")
+
+
 def problems(cfg: PretrainConfig) -> Iterator[Problem]:
-    """Every broken rule of a whole config, in order: non-finite floats anywhere, the run's name, then
-    the sections ``data``, ``model``, ``optim``, ``train``, ``log``."""
+    """Every broken rule of a whole config, in order: non-finite floats anywhere, the run's name, the
+    sections ``data``, ``model``, ``optim``, ``train``, ``log``, then the rules that relate sections
+    (last, so that an error names the field that is out of range rather than its partner)."""
     return chain(
         non_finite(cfg),
         check_fields(cfg, "", {"name": NON_EMPTY}),
         data_problems(cfg.data),
         model_problems(cfg.model),
-        optim_problems(cfg),
-        train_problems(cfg),
-        log_problems(cfg),
+        optim_problems(cfg.optim),
+        train_problems(cfg.train),
+        log_problems(cfg.log),
+        _across_sections(cfg),
     )
 
 
