@@ -10,15 +10,13 @@ import pytest
 def slurm_cluster(tmp_path_factory):
     """A real SLURM on loopback (two simulated nodes, 2 CPUs each), for tests marked ``slurm``.
 
-    Skips only when SLURM cannot be installed or started here (the reason is in the message).
+    When SLURM cannot be installed or started here, skips, or fails where ``PRETRAIN_REQUIRE_SLURM``
+    is set (``make test``); the reason, with the daemons' log tail, is in the message.
     Sets ``SLURM_CONF`` for the session so sbatch/squeue/scontrol (and submitit) talk to it.
     """
-    from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+    from tests.slurm_cluster import start_or_skip
 
-    try:
-        cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2)
-    except SlurmUnavailable as e:
-        pytest.skip(f"SLURM cannot be installed/started on this machine: {e}")
+    cluster = start_or_skip(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2)
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:

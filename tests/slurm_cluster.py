@@ -16,7 +16,9 @@ Usage (the session fixture in tests/conftest.py does this)::
 
 `SlurmCluster.start` raises `SlurmUnavailable` with the reason (missing binaries, not root,
 a daemon that would not come up, with its log tail) when SLURM cannot be installed or started;
-the fixture turns that, and only that, into a skip.
+the fixture turns that, and only that, into a skip (`start_or_skip`). Under `make test`, which
+installs SLURM first and sets `PRETRAIN_REQUIRE_SLURM=1`, it is a failure instead: there a
+SLURM that does not start is a broken setup, and a skip would let the real-SLURM tests pass unseen.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun", "sinfo")
+REQUIRE_ENV = "PRETRAIN_REQUIRE_SLURM"
 
 
 class SlurmUnavailable(RuntimeError):
@@ -212,3 +215,22 @@ class SlurmCluster:
                 p.kill()
                 p.wait(timeout=5)
         self.procs.clear()
+
+
+def slurm_required() -> bool:
+    """True when the environment says SLURM was installed for this run (`make test`), so it must start."""
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def start_or_skip(root: Path, **kwargs) -> SlurmCluster:
+    """`SlurmCluster.start`, with `SlurmUnavailable` turned into a skip, or into a failure where
+    `slurm_required()`; any other error propagates unchanged (a bug here must not read as "no SLURM")."""
+    import pytest
+
+    try:
+        return SlurmCluster.start(root, **kwargs)
+    except SlurmUnavailable as e:
+        if slurm_required():
+            pytest.fail(f"SLURM did not start although {REQUIRE_ENV} is set (make test installs it, so the "
+                        f"real-SLURM tests must run): {e}", pytrace=False)
+        pytest.skip(f"SLURM cannot be installed/started on this machine ({REQUIRE_ENV} unset): {e}")
