@@ -5,6 +5,8 @@ here depends on which ``detectron2._C`` is installed.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -94,6 +96,26 @@ def r50_cfg(names: dict[str, str]):
     return cfg
 
 
+def coco_ap_from_results(gt_json: Path, results_json: Path, iou_type: str) -> dict[str, float]:
+    """AP, AP50, AP75 in percent of a results file, from pycocotools' COCOeval alone: an independent
+    reading of what Detectron2's evaluator reports. As Detectron2 does, boxes are dropped for mask AP
+    (COCOeval would take a result's box area for its mask's area)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    res = json.loads(Path(results_json).read_text())
+    assert res, f"{results_json} holds no detections"
+    if iou_type == "segm":
+        res = [{k: v for k, v in r.items() if k != "bbox"} for r in res]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+        ev = COCOeval(gt, gt.loadRes(res), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": 100.0 * ev.stats[0], "AP50": 100.0 * ev.stats[1], "AP75": 100.0 * ev.stats[2]}
+
+
 def test_compat_aliases():
     from PIL import Image as PILImage
 
@@ -128,12 +150,15 @@ def test_mask_rcnn_r50_fpn_training_step(tiny_coco):
     assert not torch.equal(before, model.backbone.bottom_up.res5[0].conv1.weight)
 
 
-def _evaluate(name: str, out_dir: Path, swap_classes: bool = False) -> dict:
-    """Evaluate ground-truth-as-predictions with pycocotools (use_fast_impl=False)."""
+def _evaluate(name: str, out_dir: Path, swap_classes: bool = False, drop_image: int | None = None) -> dict:
+    """Evaluate ground-truth-as-predictions with pycocotools (use_fast_impl=False); ``drop_image``: that
+    image gets no predictions."""
     evaluator = COCOEvaluator(name, output_dir=str(out_dir), use_fast_impl=False)
     evaluator.reset()
     for d in DatasetCatalog.get(name):
         gt = d2utils.annotations_to_instances(d["annotations"], (d["height"], d["width"]), mask_format="bitmask")
+        if d["image_id"] == drop_image:
+            gt = gt[[]]
         pred = Instances((d["height"], d["width"]))
         pred.pred_boxes = gt.gt_boxes
         pred.scores = torch.ones(len(gt))
@@ -151,6 +176,12 @@ def test_pycocotools_evaluation_exact(tiny_coco, tmp_path):
     assert perfect["segm"]["AP-tri"] == pytest.approx(100.0)  # the RLE-annotated category
     swapped = _evaluate(names["val2017"], tmp_path / "b", swap_classes=True)
     assert swapped["bbox"]["AP"] == pytest.approx(0.0) and swapped["segm"]["AP"] == pytest.approx(0.0)
+    # one of the 3 images without predictions: both categories are found at recall 2/3 with precision 1;
+    # COCO's AP averages the precision at the 101 recall points 0, .01, ..., 1, of which 67 are <= 2/3
+    partial = _evaluate(names["val2017"], tmp_path / "c", drop_image=2)
+    for task in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AP75", "AP-box", "AP-tri"):
+            assert partial[task][key] == pytest.approx(100.0 * 67 / 101), (task, key)
     assert (tmp_path / "a" / "coco_instances_results.json").is_file()
 
 
@@ -158,11 +189,16 @@ def test_model_inference_through_evaluator(tiny_coco, tmp_path):
     from detectron2.data import build_detection_test_loader
     from detectron2.evaluation import inference_on_dataset
 
-    cfg = r50_cfg(tiny_coco[1])
+    root, names = tiny_coco
+    torch.manual_seed(0)
+    cfg = r50_cfg(names)
     model = build_model(cfg).eval()
-    name = tiny_coco[1]["val2017"]
+    name = names["val2017"]
     res = inference_on_dataset(model, build_detection_test_loader(cfg, name),
                                COCOEvaluator(name, output_dir=str(tmp_path), use_fast_impl=False))
+    # an untrained model's AP is unknown: what is checked is that the evaluator reports, in percent, what
+    # COCOeval computes from the detections it wrote (exact answers: test_pycocotools_evaluation_exact)
     for task in ("bbox", "segm"):
-        ap = res[task]["AP"]
-        assert np.isnan(ap) or 0.0 <= ap <= 100.0
+        want = coco_ap_from_results(root / "annotations" / "instances_val2017.json",
+                                    tmp_path / "coco_instances_results.json", task)
+        assert {k: res[task][k] for k in want} == pytest.approx(want)
