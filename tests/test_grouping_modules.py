@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.models.grouping import SlotConGrouping, build_grouping_module, resample_shared_noise
+from pretrain.methods.registry import build_grouping_module
+from pretrain.models.grouping import SlotConGrouping, resample_shared_noise
 from pretrain.models.query_slot_attention import QuerySlotAttention
 from pretrain.models.slot_attention import SlotAttention
 from pretrain.models.softargmax import SoftArgmaxPooling, expected_coordinates, soft_argmax

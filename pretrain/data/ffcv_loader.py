@@ -16,8 +16,9 @@ How it works (DESIGN.md, FFCV facts):
   on the device (pretrain/data/photometric.py); on the CPU per image with OpenCV on a few
   threads (pretrain/data/photometric_cpu.py, as the PIL path), written into the batch tensors.
   Both implementations take the same per-sample parameters and agree to float precision.
-- Order: this project's :class:`~pretrain.data.loader.EpochOrder` (DistributedSampler semantics,
-  ``iter_from``) replaces FFCV's traversal order.
+- Order: this project's :class:`~pretrain.data.loader_base.EpochOrder` (DistributedSampler
+  semantics, ``iter_from``) replaces FFCV's traversal order; order, resume and bad-image
+  accounting are the PIL path's (``loader_base.py``).
 
 FFCV's ``num_workers`` are numba threads; the first epoch compiles. FFCV resizes with OpenCV's
 INTER_AREA (its C++ resize has no other mode), not bicubic as the PIL path does.
@@ -49,7 +50,7 @@ from numba.extending import intrinsic
 
 from .config import DataConfig
 from .crops import HFLIP, N_PAIR, VFLIP, intersection_boxes, sample_crop_pair, sample_key
-from .loader import BadImageTracker, EpochOrder
+from .loader_base import EpochCursor, LoaderBase
 from .two_view import RATIO, finish_views, finish_views_cpu
 
 
@@ -149,20 +150,17 @@ class _Take(Operation):
         return take
 
 
-class _Order:
+class _Order(EpochCursor):
     """Stands in for FFCV's traversal order: this rank's indices for one epoch, from a step."""
 
-    def __init__(self, order: EpochOrder):
-        self.order, self.epoch, self.start = order, 0, 0
-
     def sample_order(self, _ffcv_epoch: int) -> np.ndarray:
-        flat = [i for b in self.order.batches(self.epoch, self.start) for i in b]
+        flat = [i for b in self.batches() for i in b]
         return np.asarray(flat, dtype=np.uint64)
 
 
-class FFCVPretrainLoader:
-    """FFCV two-view loader with the interface of :class:`~pretrain.data.loader.PretrainLoader`;
-    batches are on ``device``."""
+class FFCVPretrainLoader(LoaderBase):
+    """FFCV two-view loader with the interface of :class:`~pretrain.data.loader_base.LoaderBase`
+    (as the PIL path's ``PretrainLoader``); batches are on ``device``."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, *, rank: int, world_size: int, seed: int,
                  device: torch.device, drop_last: bool = True):
@@ -187,13 +185,11 @@ class FFCVPretrainLoader:
         )
         n = self.loader.reader.num_samples
         self.num_images = n
-        self.order = EpochOrder(n, batch_size, rank, world_size, seed, drop_last)
+        super().__init__(n, batch_size, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last,
+                         max_bad_fraction=cfg.max_bad_fraction, name=lambda i: f"{path} sample {i}")
         self.traversal = _Order(self.order)
         self.loader.traversal_order = self.traversal
-        self.tracker = BadImageTracker(n, lambda i: f"{path} sample {i}", cfg.max_bad_fraction,
-                                       self.order.num_samples)
         self._outputs = list(self.loader.pipeline_specs)  # FFCV's output order
-        self.epoch = 0
         self._live = None
         # Augmentation threads exist only on the CPU (on a GPU the batch is augmented on the device).
         nthreads = max(1, int(cfg.num_workers)) if self.device.type == "cpu" else 1
@@ -202,16 +198,6 @@ class FFCVPretrainLoader:
             # the augmentation threads already split the batch over the cores; OpenCV's own
             # threads inside each call would oversubscribe them
             cv2.setNumThreads(1)
-
-    @property
-    def bad_images(self) -> int:
-        return self.tracker.bad_images
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def _stop_live(self) -> None:
         """Stop an abandoned epoch's decoding thread before the next one starts (both would
@@ -278,7 +264,7 @@ class FFCVPretrainLoader:
         """Iterate the current epoch from batch ``step`` on (exact resume inside an epoch)."""
         self._stop_live()
         self.decoder.set_epoch(self.epoch)
-        self.traversal.epoch, self.traversal.start = self.epoch, int(step)
+        self.traversal.seek(self.epoch, step)
         it = iter(self.loader)
         self._live = it
         try:
@@ -290,9 +276,6 @@ class FFCVPretrainLoader:
         finally:
             if self._live is it:
                 self._stop_live()
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self.iter_from(0)
 
     def close(self) -> None:
         """Stop the decoding thread and the augmentation threads."""

@@ -19,16 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.global_contrast import global_contrastive_loss, pool_slots
+from ..losses.grouping import assignment_entropy
 from ..losses.object_losses import OBJECT_LOSSES, match_slots, object_loss
-from ..models.encoder import build_encoder
+from ..losses.slot_contrast import active_mask
 from ..models.grouping import GroupingOutput
-from ..models.heads import Predictor, Projector
-from ..models.teacher import ema_update_modules_, make_teacher
+from ..models.heads import Predictor
+from .base import TeacherStudentMethod, slot_diagnostics
 from .config import ModelConfig
-from .groupings import grouping_module
-from .registry import register_method
-
-_BATCH_KEYS = ("view1", "view2")
+from .registry import build_grouping_output_module, register_method
 
 
 def _tokens(head: nn.Module, slots: Tensor) -> Tensor:
@@ -37,49 +35,25 @@ def _tokens(head: nn.Module, slots: Tensor) -> Tensor:
     return head(slots.flatten(0, 1)).view(b, s, -1)
 
 
-class ObjGlobal(nn.Module):
-    """The object/global method; see docs/contracts.md (Method API)."""
+class ObjGlobal(TeacherStudentMethod):
+    """The object/global method; see docs/contracts.md (Method API).
+
+    ``grouping`` is the module registered as ``model.grouping``; it must return a
+    ``GroupingOutput`` (SlotCon's prototypes do not, and are refused). The teacher copies encoder,
+    projector, grouping and the two heads (not the predictors).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
         if cfg.object_loss not in OBJECT_LOSSES:
             raise ValueError(f"model.object_loss: unknown object loss {cfg.object_loss!r}; expected one of {OBJECT_LOSSES}")
-        if cfg.grouping == "prototypes":
-            raise ValueError("model.grouping: the objglobal method needs slot_attention, qsa or softargmax")
-        self.cfg = cfg
+        super().__init__(cfg)
         d, h = cfg.dim_out, cfg.dim_hidden
-        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool,
-                                     last_stride=cfg.last_stride)
-        self.projector = Projector(self.encoder.num_features, h, d)
-        self.grouping = grouping_module(cfg, d)
+        self.grouping = build_grouping_output_module(cfg, d, "objglobal")
         self.object_head = Predictor(d, h, d)  # s_i -> p_i (Sec. 2.1, "Projection heads")
         self.global_head = Predictor(d, h, d)  # r = avg(S) -> p^G
         self.object_predictor = Predictor(d, h, d)
         self.global_predictor = Predictor(d, h, d)
-        self.teacher_encoder = make_teacher(self.encoder)
-        self.teacher_projector = make_teacher(self.projector)
-        self.teacher_grouping = make_teacher(self.grouping)
-        self.teacher_object_head = make_teacher(self.object_head)
-        self.teacher_global_head = make_teacher(self.global_head)
-
-    # ---- teacher -------------------------------------------------------------------------
-    def _ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.teacher_encoder, self.encoder),
-            (self.teacher_projector, self.projector),
-            (self.teacher_grouping, self.grouping),
-            (self.teacher_object_head, self.object_head),
-            (self.teacher_global_head, self.global_head),
-        ]
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA step ξ <- m ξ + (1 - m) θ over every teacher part (called before the forward pass)."""
-        ema_update_modules_(self._ema_pairs(), momentum)
-
-    def teacher_backbone(self) -> nn.Module:
-        """The teacher encoder (torchvision ResNet keys, no fc): what transfer uses."""
-        return self.teacher_encoder
+        self.add_teachers("encoder", "projector", "grouping", "object_head", "global_head")
 
     def _noise(self, b: int, device: torch.device) -> Tensor | None:
         noise = self.grouping.sample_noise(1, device)
@@ -97,24 +71,20 @@ class ObjGlobal(nn.Module):
             g = torch.Generator().manual_seed(0)
             draw = torch.randn(noise.shape[1:], generator=g).to(device=noise.device, dtype=noise.dtype)
             noise = draw.expand_as(noise)
-        z = self.teacher_projector(self.teacher_encoder(images))
-        return self.teacher_grouping(z, noise).assign.float()
+        return self.teacher_grouping(self.teacher_dense(images), noise).assign.float()
 
     # ---- training step -------------------------------------------------------------------
     def _student(self, view: Tensor, noise: Tensor | None) -> GroupingOutput:
-        return self.grouping(self.projector(self.encoder(view)), noise)
+        return self.grouping(self.student_dense(view), noise)
 
     @torch.no_grad()
     def _teacher(self, view: Tensor, noise: Tensor | None) -> GroupingOutput:
-        return self.teacher_grouping(self.teacher_projector(self.teacher_encoder(view)), noise)
+        return self.teacher_grouping(self.teacher_dense(view), noise)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``λ_obj · L^obj + λ_G · L^G`` for one two-view batch, with terms and diagnostics."""
-        missing = [k for k in _BATCH_KEYS if k not in batch]
-        if missing:
-            raise KeyError(f"ObjGlobal.forward: batch lacks keys {missing} (see docs/contracts.md)")
+        v1, v2 = self.views(batch)
         cfg = self.cfg
-        v1, v2 = batch["view1"], batch["view2"]
         b = v1.shape[0]
         # One initialisation draw for all four passes: slot k is the same draw everywhere.
         noise = self._noise(b, v1.device)
@@ -141,20 +111,17 @@ class ObjGlobal(nn.Module):
 
         loss = cfg.lambda_obj * loss_obj + cfg.lambda_global * loss_global
         with torch.no_grad():
-            assign_t = torch.cat([t1.assign, t2.assign]).float()
-            k = assign_t.shape[1]
-            winners = assign_t.flatten(2).argmax(dim=1)
-            active = torch.zeros(2 * b, k, device=v1.device).scatter_(1, winners, 1.0).sum(dim=1)
-            entropy = -(assign_t * assign_t.clamp_min(1e-12).log()).sum(dim=1).mean()
-            same_index = (perm == torch.arange(k, device=perm.device)).float().mean()
+            # SlotCon's diagnostics on the teacher's assignment over slots (assign = softmax of logits):
+            # active slots (Eq. 5) and the per-pixel entropy.
+            assign_t = torch.cat([t1.assign, t2.assign])
+            logits_t = torch.cat([t1.logits, t2.logits])
+            same_index = (perm == torch.arange(perm.shape[1], device=perm.device)).float().mean()
         return {
             "loss": loss,
             "loss_obj": loss_obj.detach(),
             "loss_global": loss_global.detach(),
-            "active_slots": active.mean(),
-            "active_slots_1": active[:b].mean(),
-            "active_slots_2": active[b:].mean(),
-            "entropy": entropy,
+            **slot_diagnostics(active_mask(assign_t), b),
+            "entropy": assignment_entropy(logits_t, 1.0),
             "match_same_index": same_index,  # fraction of slots matched to the same index in the other view
         }
 

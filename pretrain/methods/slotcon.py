@@ -6,19 +6,16 @@ f_ξ, g_ξ, S_ξ (no predictor). Published-recipe details (DESIGN.md) are noted 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses.gather import concat_all_gather
 from ..losses.grouping import assignment_entropy, inverse_augment, self_distillation_loss, updated_center
 from ..losses.slot_contrast import active_mask, slot_contrastive_loss
-from ..models.encoder import build_encoder
-from ..models.grouping import resample_shared_noise
-from ..models.heads import Predictor, Projector
-from ..models.teacher import ema_update_modules_, make_teacher
+from ..models.grouping import as_slotcon_grouping, resample_shared_noise
+from ..models.heads import Predictor
+from .base import TeacherStudentMethod, slot_diagnostics
 from .config import ModelConfig
 from .registry import build_grouping, register_method
-
-_BATCH_KEYS = ("view1", "view2", "box1", "box2", "flip1", "flip2")
 
 
 def _swap_views(x: Tensor, b: int) -> Tensor:
@@ -26,60 +23,35 @@ def _swap_views(x: Tensor, b: int) -> Tensor:
     return torch.cat([x[b:], x[:b]], dim=0)
 
 
-class SlotCon(nn.Module):
-    """SlotCon method module; see docs/contracts.md (Method API)."""
+class SlotCon(TeacherStudentMethod):
+    """SlotCon method module; see docs/contracts.md (Method API).
+
+    ``prototypes`` is the grouping module registered as ``model.grouping``: SlotCon's own
+    prototypes, or any ``GroupingModule`` behind the ``SlotConGrouping`` adapter. The teacher
+    copies encoder, projector and prototypes (not the predictor).
+    """
+
+    batch_keys = ("view1", "view2", "box1", "box2", "flip1", "flip2")
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = build_encoder(cfg.arch, zero_init_residual=cfg.zero_init_residual, stem_pool=cfg.stem_pool,
-                                     last_stride=cfg.last_stride)
-        self.projector = Projector(self.encoder.num_features, cfg.dim_hidden, cfg.dim_out)
-        self.prototypes = build_grouping(cfg, cfg.dim_out)
+        super().__init__(cfg)
+        self.prototypes = as_slotcon_grouping(build_grouping(cfg, cfg.dim_out))
         self.predictor = Predictor(cfg.dim_out, cfg.dim_hidden, cfg.dim_out)
-        self.teacher_encoder = make_teacher(self.encoder)
-        self.teacher_projector = make_teacher(self.projector)
-        self.teacher_prototypes = make_teacher(self.prototypes)
+        self.add_teachers("encoder", "projector", "prototypes")
         # Mean teacher logit c of Eq. 3; a buffer so it is checkpointed and moves with .to().
         self.register_buffer("center", torch.zeros(cfg.num_prototypes))
-
-    # ---- teacher -------------------------------------------------------------------------
-    def _ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.teacher_encoder, self.encoder),
-            (self.teacher_projector, self.projector),
-            (self.teacher_prototypes, self.prototypes),
-        ]
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """ξ <- m ξ + (1 - m) θ for encoder, projector and prototypes (Sec. 3.3).
-
-        Called by the engine at the start of each step, before the forward pass (recipe).
-        """
-        ema_update_modules_(self._ema_pairs(), momentum)
-
-    def teacher_backbone(self) -> nn.Module:
-        """The teacher encoder f_ξ (torchvision ResNet keys, no fc): what transfer uses."""
-        return self.teacher_encoder
-
-    def _teacher_dense(self, images: Tensor) -> Tensor:
-        return self.teacher_projector(self.teacher_encoder(images))
 
     @torch.no_grad()
     def assign(self, images: Tensor) -> Tensor:
         """Teacher soft assignment ``softmax(z̄_ξ · S̄_ξᵀ / τt)`` over K, ``(B, K, h, w)`` float32 (Eq. 4's A_ξ)."""
-        _, logits = self.teacher_prototypes(self._teacher_dense(images))
+        _, logits = self.teacher_prototypes(self.teacher_dense(images))
         return torch.softmax(logits.float() / self.cfg.tau_t, dim=1)
 
     # ---- training step -------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Overall loss of Eq. 8 plus its terms and diagnostics for one two-view batch."""
-        missing = [k for k in _BATCH_KEYS if k not in batch]
-        if missing:
-            raise KeyError(f"SlotCon.forward: batch lacks keys {missing} (see docs/contracts.md)")
+        v1, v2 = self.views(batch)
         cfg = self.cfg
-        v1, v2 = batch["view1"], batch["view2"]
         b = v1.shape[0]
         dev = v1.device
         boxes = torch.cat([batch["box1"], batch["box2"]]).to(dev, non_blocking=True)
@@ -89,9 +61,9 @@ class SlotCon(nn.Module):
             resample_shared_noise(self.prototypes, self.teacher_prototypes)
         # One pass per view through each network: BN statistics are per view (recipe). Grouping,
         # alignment and losses have no BN, so both views are concatenated from there on.
-        z = torch.cat([self.projector(self.encoder(v1)), self.projector(self.encoder(v2))])
+        z = torch.cat([self.student_dense(v1), self.student_dense(v2)])
         with torch.no_grad():
-            zt = torch.cat([self._teacher_dense(v1), self._teacher_dense(v2)])
+            zt = torch.cat([self.teacher_dense(v1), self.teacher_dense(v2)])
             slots_t, logits_t = self.teacher_prototypes(zt)
         slots_s, logits_s = self.prototypes(z)
 
@@ -122,14 +94,11 @@ class SlotCon(nn.Module):
         )
 
         loss = cfg.lambda_g * loss_group + (1.0 - cfg.lambda_g) * loss_slot  # Eq. 8
-        active = mask_t.sum(dim=1).float()
         return {
             "loss": loss,
             "loss_group": loss_group.detach(),
             "loss_slot": loss_slot.detach(),
-            "active_slots": active.mean(),
-            "active_slots_1": active[:b].mean(),
-            "active_slots_2": active[b:].mean(),
+            **slot_diagnostics(mask_t, b),
             "entropy": assignment_entropy(logits_t, cfg.tau_t, center),
         }
 

@@ -5,8 +5,10 @@ per-pixel assignment over those slots ``(B, S, h, w)`` (each pixel's assignment 
 plus module-specific extras (object coordinates for soft-argmax pooling).
 
 SlotCon's learnable prototypes (``pretrain/models/prototypes.py``) follow the narrower protocol
-``z -> (slots, logits)`` of ``pretrain.methods.registry``; ``GroupingOutput.similarity`` is what
-lets these modules stand in for the prototypes there (adapter: :class:`SlotConGrouping`).
+``z -> (slots, logits)``; ``GroupingOutput.similarity`` is what lets these modules stand in for the
+prototypes there (adapter: :class:`SlotConGrouping`, applied by :func:`as_slotcon_grouping`).
+The concrete modules import this file for the base class and register themselves by name
+(``pretrain/models/registry.py``); this file imports none of them.
 """
 from __future__ import annotations
 
@@ -74,28 +76,6 @@ def pixel_slot_cosine(pixels: Tensor, slots: Tensor, hw: tuple[int, int]) -> Ten
     return sim.unflatten(2, hw)
 
 
-GROUPING_MODULES = ("slot_attention", "qsa", "softargmax")
-
-
-def build_grouping_module(
-    name: str, dim_in: int, num_slots: int, *, iters: int = 3, eps: float = 1e-8, pos_embed: bool = True
-) -> GroupingModule:
-    """Build a grouping module by config name (``model.grouping``): ``slot_attention`` (paper 003),
-    ``qsa`` (BO-QSA, paper 001) or ``softargmax`` (paper 002); slots have the feature size."""
-    # Imported here: the modules import this file for the base class.
-    from .query_slot_attention import QuerySlotAttention
-    from .slot_attention import SlotAttention
-    from .softargmax import SoftArgmaxPooling
-
-    if name == "slot_attention":
-        return SlotAttention(dim_in, num_slots, iters=iters, eps=eps, pos_embed=pos_embed)
-    if name == "qsa":
-        return QuerySlotAttention(dim_in, num_slots, iters=iters, eps=eps, pos_embed=pos_embed)
-    if name == "softargmax":
-        return SoftArgmaxPooling(dim_in, num_slots)
-    raise ValueError(f"model.grouping: unknown grouping module {name!r}; expected one of {GROUPING_MODULES}")
-
-
 class SlotConGrouping(nn.Module):
     """Adapter to SlotCon's grouping protocol ``z (B, D, H, W) -> (slots (B, K, D), logits (B, K, H, W))``.
 
@@ -130,6 +110,12 @@ class SlotConGrouping(nn.Module):
         return out.slots.float(), out.similarity
 
 
+def as_slotcon_grouping(module: nn.Module) -> nn.Module:
+    """``module`` in SlotCon's protocol ``z -> (slots, logits)``: a :class:`GroupingModule` gets the
+    :class:`SlotConGrouping` adapter; any other module (SlotCon's prototypes) already has it."""
+    return SlotConGrouping(module) if isinstance(module, GroupingModule) else module
+
+
 @torch.no_grad()
 def resample_shared_noise(*groupings: nn.Module) -> None:
     """Draw one initialisation noise and give it to every :class:`SlotConGrouping` among ``groupings``
@@ -141,13 +127,13 @@ def resample_shared_noise(*groupings: nn.Module) -> None:
     if not adapters:
         return
     ref = adapters[0].module
-    noise = ref.sample_noise(1, next(ref.parameters()).device)
+    param = next(ref.parameters(), None)
+    noise = ref.sample_noise(1, None if param is None else param.device)
     for a in adapters:
         a.set_noise(noise)
 
 
 __all__ = [
+    "GroupingOutput", "GroupingModule", "pixel_slot_cosine", "SlotConGrouping", "as_slotcon_grouping",
     "resample_shared_noise",
-    "GroupingOutput", "GroupingModule", "pixel_slot_cosine", "build_grouping_module", "SlotConGrouping",
-    "GROUPING_MODULES",
 ]

@@ -1,15 +1,23 @@
 """Semantic grouping with K learnable prototypes (SlotCon Sec. 3.1-3.2, Eq. 1, 4).
 
-A grouping module maps dense projections ``z (B, D, H, W)`` to ``(slots (B, K, D), logits
-(B, K, H, W))``. For SlotCon the logits are the cosine similarities ``z̄ · s̄ᵀ`` of Eq. 1 (the
-temperatures and the centre are applied by the losses); alternative grouping modules registered in
-``pretrain.methods`` follow the same protocol.
+SlotCon's grouping protocol maps dense projections ``z (B, D, H, W)`` to ``(slots (B, K, D), logits
+(B, K, H, W))``; the logits are the cosine similarities ``z̄ · s̄ᵀ`` of Eq. 1 (the temperatures and
+the centre are applied by the losses). Registered as ``model.grouping: prototypes``. The modules of
+``pretrain/models/grouping.py`` reach the same protocol through ``SlotConGrouping``; the prototypes
+have no ``GroupingOutput``, so methods that need one (objglobal) refuse them.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .registry import register_grouping
+
+if TYPE_CHECKING:
+    from ..methods.config import ModelConfig
 
 
 def prototype_similarity(z: Tensor, prototypes: Tensor) -> Tensor:
@@ -56,4 +64,13 @@ class SemanticGrouping(nn.Module):
         return attentive_pool(z, logits, self.tau_pool, self.eps), logits
 
 
-__all__ = ["SemanticGrouping", "prototype_similarity", "attentive_pool"]
+@register_grouping("prototypes")
+def build_prototypes(cfg: ModelConfig, dim: int) -> SemanticGrouping:
+    """``model.grouping: prototypes``: SlotCon's K = ``model.num_prototypes`` prototypes of size ``dim``.
+
+    Attentive pooling uses the teacher temperature for student and teacher (recipe, Eq. 4).
+    """
+    return SemanticGrouping(cfg.num_prototypes, dim, tau_pool=cfg.tau_t, eps=cfg.pool_eps)
+
+
+__all__ = ["SemanticGrouping", "prototype_similarity", "attentive_pool", "build_prototypes"]

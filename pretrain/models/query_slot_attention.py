@@ -13,11 +13,17 @@ So a forward pass applies ``T + 1`` Slot Attention steps, and only the last one 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from .grouping import GroupingOutput
+from .registry import register_grouping
 from .slot_attention import SlotAttention
+
+if TYPE_CHECKING:
+    from ..methods.config import ModelConfig
 
 
 class QuerySlotAttention(SlotAttention):
@@ -52,4 +58,12 @@ class QuerySlotAttention(SlotAttention):
         return self.run(feats, self.initial_slots(feats.shape[0]))
 
 
-__all__ = ["QuerySlotAttention"]
+@register_grouping("qsa")
+def build_query_slot_attention(cfg: ModelConfig, dim: int) -> QuerySlotAttention:
+    """``model.grouping: qsa`` (BO-QSA, paper 001): ``model.num_prototypes`` learnable queries of size
+    ``dim``, ``model.slot_iters`` detached iterations plus one differentiable step."""
+    return QuerySlotAttention(dim, cfg.num_prototypes, iters=cfg.slot_iters, eps=cfg.slot_eps,
+                              pos_embed=cfg.slot_pos_embed)
+
+
+__all__ = ["QuerySlotAttention", "build_query_slot_attention"]

@@ -11,11 +11,16 @@ learned Gaussian ``mu + exp(log_sigma) * N(0, 1)``, and the soft position embedd
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .grouping import GroupingModule, GroupingOutput, pixel_slot_cosine
+from .registry import register_grouping
+
+if TYPE_CHECKING:
+    from ..methods.config import ModelConfig
 
 
 class SoftPositionEmbed(nn.Module):
@@ -155,4 +160,11 @@ class SlotAttention(GroupingModule):
         return self.run(feats, self.initial_slots(feats.shape[0], noise))
 
 
-__all__ = ["SlotAttention", "SoftPositionEmbed"]
+@register_grouping("slot_attention")
+def build_slot_attention(cfg: ModelConfig, dim: int) -> SlotAttention:
+    """``model.grouping: slot_attention`` (paper 003): ``model.num_prototypes`` slots of size ``dim``,
+    ``model.slot_iters`` iterations, offset ``model.slot_eps``, position embedding ``model.slot_pos_embed``."""
+    return SlotAttention(dim, cfg.num_prototypes, iters=cfg.slot_iters, eps=cfg.slot_eps, pos_embed=cfg.slot_pos_embed)
+
+
+__all__ = ["SlotAttention", "SoftPositionEmbed", "build_slot_attention"]

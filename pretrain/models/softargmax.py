@@ -7,10 +7,16 @@ weights pool the feature map into the slot vector (Eq. 16).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from .grouping import GroupingModule, GroupingOutput, pixel_slot_cosine
+from .registry import register_grouping
+
+if TYPE_CHECKING:
+    from ..methods.config import ModelConfig
 
 
 def spatial_softmax(logits: Tensor) -> Tensor:
@@ -74,4 +80,12 @@ class SoftArgmaxPooling(GroupingModule):
         )
 
 
-__all__ = ["SoftArgmaxPooling", "spatial_softmax", "expected_coordinates", "soft_argmax", "pixel_grid"]
+@register_grouping("softargmax")
+def build_softargmax(cfg: ModelConfig, dim: int) -> SoftArgmaxPooling:
+    """``model.grouping: softargmax`` (paper 002): ``model.num_prototypes`` attention maps pooling the
+    ``dim``-channel features (Eq. 16)."""
+    return SoftArgmaxPooling(dim, cfg.num_prototypes)
+
+
+__all__ = ["SoftArgmaxPooling", "spatial_softmax", "expected_coordinates", "soft_argmax", "pixel_grid",
+           "build_softargmax"]
