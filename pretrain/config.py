@@ -134,7 +134,8 @@ OPTIM_RULES: dict[str, Rule] = {
 TRAIN_RULES: dict[str, Rule] = {
     "epochs": at_least(1),
     "max_steps": NON_NEGATIVE,  # 0: run all epochs
-    # The data's seeds are unsigned 64-bit hashes of (seed, epoch, index) and numpy refuses negative ones.
+    # numpy refuses negative seeds, and seed_everything reduces numpy's seed mod 2**32: a larger one
+    # would silently repeat a smaller one's run.
     "seed": interval(f"[0, {2**32})"),
     "checkpoint_every_steps": NON_NEGATIVE,  # 0: only at epoch end
     "keep_last": at_least(1),
