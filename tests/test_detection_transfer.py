@@ -18,6 +18,7 @@ import torch
 import transfer.detection.compat  # noqa: F401
 from pretrain.data.toy_scenes import make_toy_scenes
 from tests.test_convert_d2 import make_method_checkpoint
+from tests.test_detectron2_stack import coco_ap_from_results
 from tools.convert_to_d2 import main as convert_main
 from transfer.detection.convert import rename_key
 from transfer.detection.train import BackboneWeightsError, build_parser, main, setup_cfg
@@ -145,10 +146,14 @@ def test_end_to_end_toy_finetune_and_eval(toy_root, pretrained_pkl, tmp_path):
                  "SOLVER.STEPS", "(2,)", *TINY]) == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
+    # a 3-iteration detector's AP is unknown; metrics.json must hold, in percent, what COCOeval computes
+    # from the detections written beside it (exact answers: test_eval_only_metrics_known_answers)
     for task in ("bbox", "segm"):
+        want = coco_ap_from_results(toy_root / "annotations" / "instances_val2017.json",
+                                    out / "inference" / "coco_instances_results.json", task)
         for key in ("AP", "AP50", "AP75"):
             v = metrics[task][key]
-            assert isinstance(v, float) and 0.0 <= v <= 100.0 and math.isfinite(v)
+            assert isinstance(v, float) and math.isfinite(v) and v == pytest.approx(want[key]), (task, key)
     assert metrics["max_iter"] == 3 and metrics["weights"] == str(pkl) and metrics["eval_only"] is False
     train_log = [json.loads(line) for line in (out / "train_metrics.json").read_text().splitlines()]
     last = [r for r in train_log if "total_loss" in r][-1]
@@ -176,6 +181,80 @@ def test_end_to_end_toy_finetune_and_eval(toy_root, pretrained_pkl, tmp_path):
     # evaluating a bare backbone would measure random heads: refused
     with pytest.raises(BackboneWeightsError, match="model tensors"):
         main([*common, "--weights", str(pkl), "--output-dir", str(tmp_path / "bad"), "--eval-only", *TINY])
+
+
+class _GroundTruthDetector(torch.nn.Module):
+    """Predicts each val image's ground-truth boxes and masks with score 1 (none for ``drop_images``)."""
+
+    def __init__(self, drop_images: frozenset[int] = frozenset()):
+        super().__init__()
+        self.drop_images = drop_images
+
+    def forward(self, batched_inputs):
+        from detectron2.data import DatasetCatalog
+        from detectron2.data import detection_utils as d2utils
+        from detectron2.structures import Instances
+
+        from transfer.detection.datasets import VAL_NAME
+
+        by_id = {d["image_id"]: d for d in DatasetCatalog.get(VAL_NAME)}
+        outs = []
+        for x in batched_inputs:
+            d = by_id[x["image_id"]]
+            hw = (d["height"], d["width"])
+            gt = d2utils.annotations_to_instances(d["annotations"], hw, mask_format="bitmask")
+            if x["image_id"] in self.drop_images:
+                gt = gt[[]]
+            pred = Instances(hw, pred_boxes=gt.gt_boxes, scores=torch.ones(len(gt)), pred_classes=gt.gt_classes,
+                             pred_masks=gt.gt_masks.tensor)
+            outs.append({"instances": pred})
+        return outs
+
+
+class _NoCheckpoint:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def resume_or_load(self, *args, **kwargs):
+        return {}
+
+
+def test_eval_only_metrics_known_answers(toy_root, r18_pkl, tmp_path, monkeypatch):
+    """``--eval-only`` end to end (Trainer.test, the COCO evaluator, metrics.json) on a detector whose AP
+    is known: the ground truth itself, then the ground truth with the first val image's removed."""
+    import transfer.detection.train as det_train
+
+    ann = json.loads((toy_root / "annotations" / "instances_val2017.json").read_text())
+    cats = {c["id"]: c["name"] for c in ann["categories"]}
+    first = min(im["id"] for im in ann["images"])
+    total = {c: sum(a["category_id"] == c for a in ann["annotations"]) for c in cats}
+    kept = {c: sum(a["category_id"] == c and a["image_id"] != first for a in ann["annotations"]) for c in cats}
+    assert all(total.values()) and any(kept[c] < total[c] for c in cats)
+
+    def metrics_of(detector, out):
+        monkeypatch.setattr(det_train.Trainer, "build_model", classmethod(lambda cls, cfg: detector))
+        monkeypatch.setattr(det_train, "StrictBackboneCheckpointer", _NoCheckpoint)
+        assert main(["--config", str(SMOKE), "--data-root", str(toy_root), "--weights", str(r18_pkl),
+                     "--output-dir", str(out), "--eval-only", *TINY]) == 0
+        return json.loads((out / "metrics.json").read_text())
+
+    perfect = metrics_of(_GroundTruthDetector(), tmp_path / "perfect")
+    assert perfect["eval_only"] is True
+    for task in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AP75", *(f"AP-{n}" for n in cats.values())):
+            assert perfect[task][key] == pytest.approx(100.0), (task, key)
+
+    # Every kept prediction is a true positive at every IoU threshold, so category c reaches recall
+    # kept/total at precision 1 and none beyond: its AP is the share of COCO's 101 recall points
+    # 0, .01, ..., 1 at or below that recall (compared in float as pycocotools does); AP is their mean.
+    partial = metrics_of(_GroundTruthDetector(frozenset({first})), tmp_path / "partial")
+    recall_points = np.linspace(0.0, 1.0, 101)
+    want = {n: 100.0 * np.sum(recall_points <= kept[c] / total[c]) / 101 for c, n in cats.items()}
+    for task in ("bbox", "segm"):
+        for n, v in want.items():
+            assert partial[task][f"AP-{n}"] == pytest.approx(v), (task, n)
+        for key in ("AP", "AP50", "AP75"):
+            assert partial[task][key] == pytest.approx(np.mean(list(want.values()))), (task, key)
 
 
 def test_parser_accepts_distributed_flags():
