@@ -1,4 +1,4 @@
-"""Stack check (issue 2): Detectron2 Mask R-CNN R50-FPN trains a step and pycocotools evaluates.
+"""Stack check: Detectron2 Mask R-CNN R50-FPN trains a step and pycocotools evaluates.
 
 Runs with the pure-Python Detectron2 of scripts/setup.sh and with an official build alike: nothing
 here depends on which ``detectron2._C`` is installed.
