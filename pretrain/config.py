@@ -93,7 +93,6 @@ class TrainConfig:
     run_dir: str = ""  # explicit run directory; default output_dir/<name>
     resume: str = "auto"  # auto (newest loadable checkpoint in the run dir) | none | <path>
     export_backbone: bool = True  # write teacher_backbone.pth at the end
-    debug_nan_at_step: int = -1  # test hook: make the loss NaN at this global step (-1: off)
 
 
 @dataclass
@@ -158,7 +157,7 @@ def optim_problems(o: OptimConfig) -> Iterator[Problem]:
 
 
 def train_problems(t: TrainConfig) -> Iterator[Problem]:
-    """Every broken rule of the ``train`` section (``train.debug_nan_at_step`` is a test hook, unchecked)."""
+    """Every broken rule of the ``train`` section."""
     yield from check_fields(t, "train", TRAIN_RULES)
 
 

@@ -24,7 +24,8 @@ from pretrain.config import ConfigError, PretrainConfig, load_config
 from pretrain.engine.distributed import cleanup, init_distributed
 from pretrain.engine.signals import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, clear_stop,
                                      install_handlers, request_stop, restore_handlers)
-from pretrain.engine.trainer import NonFiniteLossError, TrainHooks, TrainResult, fit
+from pretrain.engine.hooks import HookBase
+from pretrain.engine.trainer import NonFiniteLossError, TrainResult, fit
 
 log = logging.getLogger("pretrain")
 
@@ -34,8 +35,8 @@ def request_checkpoint_and_exit(reason: str = "requested") -> None:
     request_stop(reason)
 
 
-def run(cfg: PretrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
-    """Train ``cfg`` in this process (one rank of a job, or the only one).
+def run(cfg: PretrainConfig, hooks: list[HookBase] | None = None) -> TrainResult:
+    """Train ``cfg`` in this process (one rank of a job, or the only one); ``hooks`` run before the default ones.
 
     Initialises the process group from the environment when ``WORLD_SIZE > 1`` (and destroys it
     afterwards if it created it), installs the SIGTERM/SIGUSR1 stop handlers while training.

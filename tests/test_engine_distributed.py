@@ -13,7 +13,7 @@ from torch import nn
 
 from pretrain.config import load_config
 from pretrain.engine.distributed import expand_nodelist, export_slurm_env, per_rank_batch
-from pretrain.engine.trainer import TrainHooks
+from pretrain.engine.hooks import HookBase
 from pretrain.train import request_checkpoint_and_exit, run
 from tests._engine_common import make_toy, tiny_overrides
 
@@ -32,25 +32,36 @@ def bn_eval(method: nn.Module) -> None:
             m.eval()
 
 
+class FrozenBN(HookBase):
+    """BN in eval mode before every step (the loop and the slot pictures switch the method to train mode)."""
+
+    def before_step(self) -> None:
+        bn_eval(self.trainer.method)
+
+
+class Probe(HookBase):
+    """Keeps the trained method; optionally asks rank 1 alone to stop after a given step."""
+
+    def __init__(self, rank: int, stop_rank1_at: int) -> None:
+        self.rank, self.stop_at, self.method = rank, stop_rank1_at, None
+
+    def before_train(self) -> None:
+        self.method = self.trainer.method
+
+    def after_step(self) -> None:
+        if self.rank == 1 and self.trainer.step - 1 == self.stop_at:  # e.g. SIGTERM reaching one node first
+            request_checkpoint_and_exit("test: rank 1 only")
+
+
 def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str, frozen_bn: bool,
             stop_rank1_at: int = -1) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = load_config(None, overrides)
-    captured: list[nn.Module] = []
-
-    def on_model(method: nn.Module) -> None:
-        captured[:] = [method]
-        if frozen_bn:
-            bn_eval(method)
-
-    def on_step(step: int, row: dict) -> None:
-        if rank == 1 and step == stop_rank1_at:  # e.g. SIGTERM reaching one node first
-            request_checkpoint_and_exit("test: rank 1 only")
-
-    res = run(cfg, TrainHooks(on_model=on_model, on_step=on_step))
-    method = captured[0]
+    probe = Probe(rank, stop_rank1_at)
+    res = run(cfg, [probe, *([FrozenBN()] if frozen_bn else [])])
+    method = probe.method
     # Fingerprints of this rank's final weights and buffers: DDP must keep the ranks identical.
     prints = {name: float(sum(p.double().sum() for p in getattr(method, name).parameters()))
               for name in ("encoder", "teacher_encoder", "projector", "predictor", "prototypes")}
@@ -104,7 +115,7 @@ def test_two_ranks_match_one_process_with_frozen_bn(toy, tmp_path):
                                                     "train.export_backbone": False})
     r0, r1 = _spawn(overrides(tmp_path / "two"), tmp_path, frozen_bn=True)
     torch.set_num_threads(1)
-    single = run(load_config(None, overrides(tmp_path / "one")), TrainHooks(on_model=bn_eval))
+    single = run(load_config(None, overrides(tmp_path / "one")), [FrozenBN()])
     assert r0["history"] == r1["history"]
     for two, one in zip(r0["history"], single.history):
         # Same samples (DistributedSampler order), same augmentations ((seed, epoch, index)), slot

@@ -8,7 +8,9 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.engine import checkpoint as ck
-from pretrain.engine.trainer import TrainHooks
+import pretrain.train
+from pretrain.engine.hooks import HookBase
+from pretrain.engine.trainer import NonFiniteLossError
 from pretrain.train import main, request_checkpoint_and_exit, run
 from tests._engine_common import make_toy, tiny_overrides
 
@@ -76,8 +78,24 @@ def test_tensorboard_has_every_term_and_pictures(full_run):
     assert [e.step for e in ea.Images("slots/view1_then_view2")] == [0, 4]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, caplog):
-    rc = main(tiny_overrides(toy, tmp_path, **{"train.debug_nan_at_step": 3}))
+class PoisonAt(HookBase):
+    """Makes step ``step``'s loss NaN: one weight of the student's projector becomes NaN before its forward pass."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def before_step(self) -> None:
+        if self.trainer.step == self.step:
+            with torch.no_grad():
+                next(self.trainer.method.projector.parameters()).view(-1)[0] = float("nan")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        run(load_config(None, tiny_overrides(toy, tmp_path / "direct")), [PoisonAt(3)])
+    # the CLI maps it to exit 65 and logs it to the run's log.txt
+    monkeypatch.setattr(pretrain.train, "run", lambda cfg: run(cfg, [PoisonAt(3)]))
+    rc = main(tiny_overrides(toy, tmp_path))
     assert rc == 65
     assert "non-finite loss at step 3: 'loss'" in (tmp_path / "log.txt").read_text()
     ckpts = ck.list_checkpoints(tmp_path / "checkpoints")
@@ -86,15 +104,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, caplog):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def _stop_after_step_5(step: int, row: dict) -> None:
-    if step == 5:
-        request_checkpoint_and_exit("test")
+class StopAfterStep5(HookBase):
+    def after_step(self) -> None:
+        if self.trainer.step - 1 == 5:
+            request_checkpoint_and_exit("test")
 
 
 def test_stop_request_mid_epoch_then_resume_matches(toy, tmp_path, full_run):
     _, ref = full_run
     cfg = load_config(None, tiny_overrides(toy, tmp_path, **{"train.checkpoint_every_steps": 0}))
-    res = run(cfg, TrainHooks(on_step=_stop_after_step_5))
+    res = run(cfg, [StopAfterStep5()])
     assert res.status == "preempted" and res.step == 6
     state = ck.load_checkpoint(ck.checkpoint_path(tmp_path / "checkpoints", 6))
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)  # mid-epoch
