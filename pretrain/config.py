@@ -92,6 +92,9 @@ class TrainConfig:
     output_dir: str = "runs"
     run_dir: str = ""  # explicit run directory; default output_dir/<name>
     resume: str = "auto"  # auto (newest loadable checkpoint in the run dir) | none | <path>
+    # Keys (e.g. optim.base_lr) or sections a resume may change although they change the run's trajectory;
+    # any other such change is refused (pretrain.engine.rundir.FREE_KEYS may always change).
+    allow_config_change: list[str] = field(default_factory=list)
     export_backbone: bool = True  # write teacher_backbone.pth at the end
 
 
@@ -139,6 +142,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "checkpoint_every_steps": NON_NEGATIVE,  # 0: only at epoch end
     "keep_last": at_least(1),
     "resume": NON_EMPTY,  # auto | none | a checkpoint path
+    "allow_config_change": Rule(
+        "a list of config keys or sections, e.g. [optim.base_lr, train.epochs]",
+        lambda v: isinstance(v, list) and all(
+            isinstance(k, str) and k.split(".")[0] in {f.name for f in dataclasses.fields(PretrainConfig)}
+            for k in v)),
 }
 
 LOG_RULES: dict[str, Rule] = {

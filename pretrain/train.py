@@ -6,10 +6,20 @@ Usage::
     torchrun --nproc_per_node 8 -m pretrain configs/pretrain/slotcon_coco_r50_800ep.yaml train.output_dir=/ckpt
     srun python -m pretrain configs/...yaml        # SLURM variables are read directly
 
-Exit codes (``pretrain.engine.signals``): 0 finished (or ``train.max_steps`` reached); 64 bad
-config/command line; 65 non-finite loss (last good checkpoint kept); 75 stopped by
-SIGTERM/SIGUSR1 or :func:`request_checkpoint_and_exit` after writing a checkpoint: run the same
-command again to resume (``train.resume=auto``).
+Exit codes (``pretrain.engine.signals``):
+
+* 0: finished (or ``train.max_steps`` reached);
+* 64: bad config/command line, or a resume refused: ``train.resume=<path>`` that does not load or
+  fit the model/optimiser, or a checkpoint whose config differs in a key that changes the run's
+  trajectory (the message lists them; ``train.allow_config_change=[...]`` allows them);
+* 65: NaN/Inf in a loss term or in the weights about to be checkpointed; the checkpoints from that
+  step on are moved to ``checkpoints/quarantine/`` and the message names the one a rerun resumes from;
+* 73: the run directory is locked by another run (the message names its host and pid);
+* 74: a checkpoint could not be written (disk full: the message gives the path and free bytes);
+  the older checkpoints are intact;
+* 75: stopped by SIGTERM/SIGUSR1/SIGINT (Ctrl-C) or :func:`request_checkpoint_and_exit` after
+  writing a checkpoint: run the same command again to resume (``train.resume=auto``);
+* 130: a second Ctrl-C: stopped at once, without a checkpoint of the interrupted step.
 
 Programmatic use (the SLURM/submitit launcher): :func:`main` with an argv list, or :func:`run`
 with a loaded config; :func:`request_checkpoint_and_exit` from a signal handler or another thread.
@@ -22,10 +32,13 @@ import sys
 
 from pretrain.config import ConfigError, PretrainConfig, load_config
 from pretrain.engine.distributed import cleanup, init_distributed
-from pretrain.engine.signals import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, clear_stop,
-                                     install_handlers, request_stop, restore_handlers)
+from pretrain.engine.checkpoint import CheckpointWriteError
 from pretrain.engine.hooks import HookBase
-from pretrain.engine.trainer import NonFiniteLossError, TrainResult, fit
+from pretrain.engine.rundir import ResumeError, RunDirLocked
+from pretrain.engine.signals import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK,
+                                     EXIT_PREEMPTED, EXIT_RESUME_REFUSED, EXIT_WRITE_FAILED, clear_stop,
+                                     install_handlers, request_stop, restore_handlers)
+from pretrain.engine.trainer import NonFiniteError, TrainResult, fit
 
 log = logging.getLogger("pretrain")
 
@@ -39,7 +52,8 @@ def run(cfg: PretrainConfig, hooks: list[HookBase] | None = None) -> TrainResult
     """Train ``cfg`` in this process (one rank of a job, or the only one); ``hooks`` run before the default ones.
 
     Initialises the process group from the environment when ``WORLD_SIZE > 1`` (and destroys it
-    afterwards if it created it), installs the SIGTERM/SIGUSR1 stop handlers while training.
+    afterwards if it created it), installs the SIGTERM/SIGUSR1/SIGINT stop handlers while training.
+    Raises what :func:`pretrain.engine.trainer.fit` raises; :func:`main` maps each to its exit code.
     """
     import torch.distributed as dist
 
@@ -79,9 +93,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         result = run(cfg)
-    except NonFiniteLossError as e:
+    except NonFiniteError as e:
         log.error("%s", e)
         return EXIT_NONFINITE
+    except ResumeError as e:
+        log.error("%s", e)
+        return EXIT_RESUME_REFUSED
+    except RunDirLocked as e:
+        # stderr, not the logger: its file handler may still point at the holder's log.txt
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except CheckpointWriteError as e:
+        log.error("%s", e)
+        return EXIT_WRITE_FAILED
+    except KeyboardInterrupt:
+        log.error("interrupted by a second Ctrl-C: stopped without a checkpoint of the current step; "
+                  "rerun the same command to resume from the last checkpoint")
+        return EXIT_INTERRUPTED
     return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
 
 

@@ -8,6 +8,7 @@ before checkpoints, so a stop is saved at its own step).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pretrain.engine import checkpoint as ckpt_io
-from pretrain.engine.distributed import all_reduce, barrier
+from pretrain.engine.checkpoint import CheckpointWriteError, NonFiniteStateError
+from pretrain.engine.distributed import all_reduce
 from pretrain.engine.logging import TBWriter, memory_mb, slot_picture
 from pretrain.engine.signals import stop_reason, stop_requested
 
@@ -74,6 +76,14 @@ class StopOnRequest(HookBase):
                         t.epoch - 1)
 
 
+def _agree_code(code: int, env) -> int:
+    """The largest of every rank's ``code`` (one all-reduce; the local code in a single process)."""
+    if not env.distributed:
+        return code
+    flag = torch.tensor([float(code)], device=env.device if env.device.type == "cuda" else "cpu")
+    return int(all_reduce(flag, op="max").item())
+
+
 def _agree_stop(distributed: bool) -> bool:
     if not distributed:
         return stop_requested()
@@ -86,12 +96,21 @@ def _agree_stop(distributed: bool) -> bool:
 class PeriodicCheckpoint(HookBase):
     """A checkpoint every ``train.checkpoint_every_steps``, at every epoch end and when the loop is told to stop.
 
-    Rank 0 writes (atomically, pruned to ``train.keep_last``); every rank waits for it, so no rank runs ahead
-    of a checkpoint that a requeued job resumes from.
+    Rank 0 writes (atomically, pruned to ``train.keep_last`` of this run's usable checkpoints); every rank
+    waits for the outcome, so no rank runs ahead of a checkpoint that a requeued job resumes from, and a
+    failed write or a refused one ends every rank rather than leaving the others in a collective.
+
+    Refused: a state holding NaN/Inf (:class:`~pretrain.engine.checkpoint.NonFiniteStateError`). Kept
+    besides the ``keep_last`` newest: the previous checkpoint, the newest one known to be followed by a
+    finite step (with ``keep_last=1`` the newest alone could be the one taken just before a blow-up).
     """
 
     def __init__(self, every_steps: int, keep_last: int) -> None:
         self.every, self.keep_last = every_steps, keep_last
+        self.previous: Path | None = None
+
+    def before_train(self) -> None:
+        self.previous = self.trainer.resumed_from
 
     def after_step(self) -> None:
         t = self.trainer
@@ -104,11 +123,26 @@ class PeriodicCheckpoint(HookBase):
         self.save()
 
     def save(self) -> None:
+        """Write the current step's checkpoint on rank 0; raise on every rank if it was refused or failed."""
         t = self.trainer
+        error: BaseException | None = None
         if t.env.is_main:
-            path = ckpt_io.save_checkpoint(t.ckpt_dir, t.state_dict(), self.keep_last)
-            log.info("checkpoint %s", path)
-        barrier()
+            keep = [self.previous] if self.previous is not None and self.previous.exists() else []
+            try:
+                path = ckpt_io.save_checkpoint(t.ckpt_dir, t.state_dict(), self.keep_last, keep=keep)
+            except (NonFiniteStateError, CheckpointWriteError) as e:
+                error = e
+            else:
+                if path != self.previous:
+                    self.previous = path
+                log.info("checkpoint %s", path)
+        code = _agree_code(0 if error is None else 1 if isinstance(error, NonFiniteStateError) else 2, t.env)
+        if error is not None:
+            raise error
+        if code == 1:
+            raise NonFiniteStateError(t.step, "a tensor on rank 0")
+        if code == 2:
+            raise CheckpointWriteError(errno.EIO, "rank 0 could not write the checkpoint; see its log")
 
 
 class MetricsLog(HookBase):

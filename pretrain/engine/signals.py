@@ -1,13 +1,18 @@
-"""Graceful stop: SIGTERM / SIGUSR1 (or :func:`request_stop`) -> finish the step, checkpoint, exit.
+"""Graceful stop: SIGTERM / SIGUSR1 / SIGINT (or :func:`request_stop`) -> finish the step, checkpoint, exit.
 
 The handler only sets a flag; the trainer checks it after each optimiser step (agreeing across
 ranks through an all-reduce, so every rank stops after the same step), writes a checkpoint and
 returns with :data:`EXIT_PREEMPTED`. SLURM sends SIGTERM before a preemption/time limit
 (``--signal=USR1@90`` gives SIGUSR1 earlier); submitit's checkpoint hook calls :func:`request_stop`.
+
+Ctrl-C (SIGINT) is the same request, so an interactive run loses nothing since its last checkpoint;
+a second Ctrl-C raises ``KeyboardInterrupt`` at once (no checkpoint; ``python -m pretrain`` exits
+:data:`EXIT_INTERRUPTED`), for when the step or the write itself is what hangs.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -15,11 +20,15 @@ from contextlib import contextmanager
 #: Process exit codes of ``python -m pretrain`` (sysexits.h values where one fits).
 EXIT_OK = 0  # training finished
 EXIT_CONFIG = 64  # EX_USAGE: bad config / command line
-EXIT_NONFINITE = 65  # EX_DATAERR: NaN/Inf loss; the last good checkpoint is kept
+EXIT_RESUME_REFUSED = 64  # also EX_USAGE: the checkpoint to resume does not fit the config / changes its trajectory
+EXIT_NONFINITE = 65  # EX_DATAERR: NaN/Inf; later checkpoints quarantined, the message names the resume point
+EXIT_LOCKED = 73  # EX_CANTCREAT: the run directory is locked by another run (the message names host and pid)
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written (disk full); older ones are intact
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; re-run to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint of the step it interrupted
 
 #: The signals that request a checkpoint and a clean exit.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _stop = threading.Event()
 _received: list[str] = []
@@ -46,7 +55,15 @@ def clear_stop() -> None:
 
 
 def _handler(signum, _frame) -> None:
-    request_stop(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+        if "SIGINT" in _received:
+            raise KeyboardInterrupt
+        # Not the logger: a handler that takes its lock can deadlock against the interrupted code.
+        sys.stderr.write("\nCtrl-C: finishing the step, then checkpointing and exiting "
+                         "(press Ctrl-C again to exit at once, without a checkpoint)\n")
+        sys.stderr.flush()
+    request_stop(name)
 
 
 def install_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> dict[int, object]:
@@ -93,5 +110,6 @@ def shield_workers(batches: Iterable) -> Iterator:
         yield item
 
 
-__all__ = ["STOP_SIGNALS", "signals_blocked", "shield_workers", "EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "request_stop", "stop_requested",
-           "stop_reason", "clear_stop", "install_handlers", "restore_handlers"]
+__all__ = ["STOP_SIGNALS", "signals_blocked", "shield_workers", "EXIT_OK", "EXIT_CONFIG", "EXIT_RESUME_REFUSED",
+           "EXIT_NONFINITE", "EXIT_LOCKED", "EXIT_WRITE_FAILED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "request_stop",
+           "stop_requested", "stop_reason", "clear_stop", "install_handlers", "restore_handlers"]

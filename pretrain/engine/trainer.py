@@ -7,6 +7,14 @@ skipped images and the stop flag, so every rank stops at the same step), abort o
 before any update, backward (GradScaler for fp16), optimiser step. Everything else (checkpoints every
 ``train.checkpoint_every_steps``, at every epoch end and on a stop request; metrics, TensorBoard,
 pictures, the progress bar) is a hook (:mod:`pretrain.engine.hooks`).
+
+Before anything is built, rank 0 locks the run directory and settles its run id
+(:mod:`pretrain.engine.rundir`). Resuming takes the newest checkpoint that loads, belongs to the run
+and fits the model and optimiser (others are skipped with a warning); ``train.resume=<path>`` must fit
+or the run is refused (:class:`~pretrain.engine.rundir.ResumeError`). A resume whose config changes the
+run's trajectory is refused unless ``train.allow_config_change`` lists the keys. After a NaN/Inf
+(:class:`NonFiniteError`), the checkpoints from that step on are moved to ``checkpoints/quarantine/``
+and the error names the checkpoint a rerun resumes from.
 """
 from __future__ import annotations
 
@@ -24,7 +32,9 @@ from torch import Tensor, nn
 
 from pretrain.config import PretrainConfig, save_config, to_dict
 from pretrain.engine import checkpoint as ckpt_io
+from pretrain.engine.checkpoint import NonFiniteError, NonFiniteStateError
 from pretrain.engine.distributed import DistEnv, all_reduce, barrier, maybe_sync_bn, per_rank_batch
+from pretrain.engine.rundir import ConfigChanges, ResumeError, RunDirLock, config_changes, prepare_run_dir
 from pretrain.engine.hooks import HookBase, default_hooks
 from pretrain.engine.logging import setup_text_log
 from pretrain.engine.optim import build_optimizer, set_lr
@@ -35,13 +45,12 @@ from pretrain.engine.signals import shield_workers, stop_requested
 log = logging.getLogger("pretrain")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """A loss term became NaN/Inf; raised before the optimiser step, so no bad weights are saved."""
 
     def __init__(self, step: int, term: str, value: float) -> None:
-        super().__init__(f"non-finite loss at step {step}: '{term}' = {value}; the last good checkpoint "
-                         f"is kept (lower optim.base_lr, check the data, or try train.amp=none)")
-        self.step, self.term, self.value = step, term, value
+        super().__init__(step, f"non-finite loss at step {step}: '{term}' = {value}")
+        self.term, self.value = term, value
 
 
 @dataclass
@@ -92,14 +101,49 @@ class Trainer:
         from pretrain.methods import build_method
 
         self.cfg, self.env = cfg, env
-        tc, oc = cfg.train, cfg.optim
         self.run_dir = resolve_run_dir(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.lock: RunDirLock | None = None
+        self.run_id = self._take_run_dir()
+        try:
+            self._build(cfg, env, build_method, build_pretrain_loader)
+        except BaseException:
+            self.close()
+            raise
+
+        self.history: list[dict[str, float]] = []
+        self.row: dict[str, float] = {}
+        self.batch: dict[str, Tensor] = {}
+        self.loss_names: list[str] = []
+        self.timings = (0.0, 0.0)
+        self.stop_agreed = False
+        self.exit_status: str | None = None
+        self.hooks = list(hooks or []) + default_hooks(self)  # extra hooks first: a stop they ask for is this step's
+        for h in self.hooks:
+            h.trainer = self
+
+    def _take_run_dir(self) -> str:
+        """Rank 0 locks the run dir, cleans it and settles the run id; every rank learns the outcome together,
+        so a refusal on rank 0 ends every rank instead of leaving them waiting in a collective."""
+        env, error, run_id = self.env, None, None
         if env.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        barrier()
-        setup_text_log(self.run_dir, env.is_main)
+            try:
+                self.lock = RunDirLock(self.run_dir).acquire()
+                setup_text_log(self.run_dir, True)  # after the lock: a refused run stays out of the holder's log
+                run_id = prepare_run_dir(self.run_dir, self.cfg.train.resume, exclusive=self.lock.held)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+                error = e
+        else:
+            setup_text_log(self.run_dir, False)
+        if not _all_ranks_ok(error is None, env):
+            self.close()
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 could not take the run directory {self.run_dir}; see its log")
+        return run_id if run_id is not None else (ckpt_io.read_run_id(self.run_dir) or "")
+
+    def _build(self, cfg: PretrainConfig, env: DistEnv, build_method, build_pretrain_loader) -> None:
+        tc, oc = cfg.train, cfg.optim
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -129,7 +173,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp == "fp16")
 
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.resumed_from: Path | None = None
         self._resume()
+        if env.is_main:  # only now: a refused resume must not overwrite the run's config.yaml
+            save_config(cfg, self.run_dir / "config.yaml")
         self.model: nn.Module = self.method
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -137,16 +184,11 @@ class Trainer:
         if tc.compile:
             self.model = torch.compile(self.model)
 
-        self.history: list[dict[str, float]] = []
-        self.row: dict[str, float] = {}
-        self.batch: dict[str, Tensor] = {}
-        self.loss_names: list[str] = []
-        self.timings = (0.0, 0.0)
-        self.stop_agreed = False
-        self.exit_status: str | None = None
-        self.hooks = list(hooks or []) + default_hooks(self)  # extra hooks first: a stop they ask for is this step's
-        for h in self.hooks:
-            h.trainer = self
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; :meth:`train` calls it when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def epoch_done(self) -> bool:
@@ -158,16 +200,31 @@ class Trainer:
         return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "step": self.step,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "rng": ckpt_io.rng_state(),
-                "config": to_dict(self.cfg)}
+                "config": to_dict(self.cfg), "run_id": self.run_id}
+
+    def fits(self, state: dict) -> str | None:
+        """Why a loaded checkpoint cannot be resumed into this run's method and optimiser (``None``: it can)."""
+        return ckpt_io.fit_problems(state, self.method, self.optimizer)
 
     def _resume(self) -> None:
-        found = _resume_source(self.cfg, self.ckpt_dir)
+        error, found = None, None
+        try:
+            found = self._resume_source()
+            if found is not None:
+                self._check_config(*found)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+        if not _all_ranks_ok(error is None, self.env):
+            if error is not None:
+                raise error
+            raise ResumeError("another rank refused to resume; see its log")
         if found is None:
             return
         path, state = found
+        self.resumed_from = path
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
+        if state.get("scaler") and self.scaler.is_enabled():  # train.amp may change (another GPU type)
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
         if self.env.rank == 0 and "rng" in state:
@@ -176,6 +233,42 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 1000003 * self.env.rank + 7919 * self.step)
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, self.step, self.epoch,
                  self.step_in_epoch)
+
+    def _resume_source(self) -> tuple[Path, dict] | None:
+        mode = self.cfg.train.resume
+        if mode == "none":  # a previous run was moved aside by prepare_run_dir
+            return None
+        if mode == "auto":
+            return ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits)
+        path = Path(mode)
+        if not path.is_file():
+            raise ResumeError(f"train.resume={mode}: no such checkpoint file")
+        try:
+            state = ckpt_io.load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - any reason it does not load is the user's to see
+            raise ResumeError(f"train.resume={path} cannot be read: {type(e).__name__}: {e}") from None
+        reason = self.fits(state)
+        if reason:
+            raise ResumeError(f"train.resume={path} does not fit this run's model/optimiser: {reason}")
+        return path, state
+
+    def _check_config(self, path: Path, state: dict) -> None:
+        """Refuse a resume whose config changes the run's trajectory, unless train.allow_config_change says so."""
+        from pretrain.config import PretrainConfig as Schema
+
+        changes: ConfigChanges = config_changes(state.get("config"), to_dict(self.cfg),
+                                                self.cfg.train.allow_config_change, to_dict(Schema()))
+        if changes.refused:
+            keys = ",".join(k for k, _, _ in changes.refused)
+            raise ResumeError(
+                f"refusing to resume {path}: the config changes the run's trajectory: "
+                f"{ConfigChanges.describe(changes.refused)}. Run with the checkpoint's values, allow the change "
+                f"with train.allow_config_change=[{keys}], or start over with train.resume=none")
+        if changes.allowed:
+            log.warning("resuming %s with changed config (train.allow_config_change): %s", path,
+                        ConfigChanges.describe(changes.allowed))
+        if changes.free:
+            log.info("resuming %s with changed settings: %s", path, ConfigChanges.describe(changes.free))
 
     def run_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """One step of the recipe; returns the step's loss terms averaged over ranks.
@@ -236,10 +329,38 @@ class Trainer:
             while self.exit_status is None and self.epoch < tc.epochs:
                 self._train_epoch()
             return self._finish(self.exit_status or "finished")
+        except NonFiniteError as e:
+            if self.env.is_main:
+                try:
+                    e.outcome = self._quarantine_after(e.step)
+                except Exception as q:  # noqa: BLE001 - never hide the NaN behind a file error
+                    e.outcome = (f"could not move the checkpoints of step {e.step} or later aside "
+                                 f"({type(q).__name__}: {q}): remove them by hand before a rerun")
+            else:
+                e.outcome = "rank 0's log says which checkpoint a rerun resumes from"
+            raise
         finally:
-            _close_loader(self.loader)
-            for h in self.hooks:
-                h.after_train()
+            try:
+                _close_loader(self.loader)
+                for h in self.hooks:
+                    h.after_train()
+            finally:
+                self.close()
+
+    def _quarantine_after(self, step: int) -> str:
+        """Move this run's checkpoints of ``step`` or later aside; say which one a rerun resumes from.
+
+        They were written after the update that blew up (or just before the step that did), and may hold
+        huge but finite weights that no check at write time can tell from good ones.
+        """
+        moved = ckpt_io.quarantine(self.ckpt_dir, step, self.run_id)
+        text = (f"moved {len(moved)} checkpoint(s) of step {step} or later to {self.ckpt_dir / ckpt_io.QUARANTINE}/ "
+                f"({', '.join(p.name for p in moved)}); " if moved else "")
+        resume = next((c for c in ckpt_io.scan(self.ckpt_dir) if c.loads and ckpt_io.belongs(
+            {"run_id": c.run_id}, self.run_id)), None)
+        if resume is None:
+            return text + "no earlier checkpoint of this run is left: a rerun starts from step 0"
+        return text + f"a rerun resumes from {resume.path} (step {resume.step})"
 
     def _train_epoch(self) -> None:
         self.loader.set_epoch(self.epoch)
@@ -285,7 +406,11 @@ def fit(cfg: PretrainConfig, env: DistEnv, hooks: list[HookBase] | None = None) 
     """Train (or resume) the run described by ``cfg`` on this rank; ``hooks`` run before the default ones.
 
     Raises:
-        NonFiniteLossError: a loss term is NaN/Inf (before that step's update).
+        NonFiniteError: a loss term is NaN/Inf (before that step's update), or the weights about to be
+            checkpointed are; the message names the checkpoint a rerun resumes from.
+        ResumeError: the checkpoint to resume does not fit, or the config changes the run's trajectory.
+        RunDirLocked: another run holds the run directory.
+        CheckpointWriteError: a checkpoint could not be written (disk full).
     """
     return Trainer(cfg, env, hooks).train()
 
@@ -308,18 +433,12 @@ def _close_loader(loader) -> None:
         dl._iterator = None
 
 
-def _resume_source(cfg: PretrainConfig, ckpt_dir: Path) -> tuple[Path, dict] | None:
-    mode = cfg.train.resume
-    if mode == "none":
-        if ckpt_io.list_checkpoints(ckpt_dir):
-            log.warning("train.resume=none but %s holds checkpoints; they will be overwritten/pruned", ckpt_dir)
-        return None
-    if mode == "auto":
-        return ckpt_io.find_latest(ckpt_dir)
-    path = Path(mode)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} not found")
-    return path, ckpt_io.load_checkpoint(path)
+def _all_ranks_ok(ok: bool, env: DistEnv) -> bool:
+    """Whether every rank reports ``ok`` (one all-reduce; the local answer in a single process)."""
+    if not env.distributed:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=env.device if env.device.type == "cuda" else "cpu")
+    return all_reduce(flag).item() == 0
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "resolve_run_dir", "seed_everything", "fit"]
+__all__ = ["NonFiniteError", "NonFiniteLossError", "NonFiniteStateError", "TrainResult", "Trainer", "resolve_run_dir", "seed_everything", "fit"]
