@@ -16,12 +16,16 @@ BN ``num_batches_tracked`` counters are optional and dropped (they are bookkeepi
 SlotCon transfers the teacher encoder (SlotCon Sec. 4.2), which is why only the teacher is read.
 Files are read with ``torch.load(weights_only=True)``; the only non-tensor type allowed on top of
 its defaults is ``argparse.Namespace`` (the official checkpoint's ``args``), so a pickle naming any
-other global is refused without running it.
+other global is refused without running it. Detectron2's ``.pkl`` weights are plain pickles of numpy
+arrays; :func:`read_plain_pickle` reads them with an unpickler that builds containers and arrays only.
+Every reader of an input file in the project goes through one of these two functions, and the tensors
+they return pass :func:`check_finite` before anything is converted, trained or evaluated.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,22 +104,93 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> object:
-    """``torch.load(path, weights_only=True)`` on CPU with ``SAFE_GLOBALS`` allowed, and nothing else.
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> object:
+    """``torch.load(path, weights_only=True)`` with ``SAFE_GLOBALS`` allowed, and nothing else.
 
-    Raises CheckpointError naming the file and torch's reason (missing file, damaged archive, or a
-    pickle that names a global outside the allowlist, which is refused before anything runs).
+    ``map_location`` is torch.load's (CPU by default). Types an integration registered with
+    ``torch.serialization.add_safe_globals`` (mmengine's checkpoint bookkeeping, see
+    ``transfer/segmentation/compat.py``) stay allowed. Raises CheckpointError naming the file and
+    torch's reason (missing file, damaged archive, or a pickle that names a global outside the
+    allowlist, which is refused before anything runs).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises pickle / zip / runtime errors depending on the damage
         raise CheckpointError(
             f"cannot read checkpoint {path} with torch.load(weights_only=True): {type(exc).__name__}: {_load_reason(exc)}"
         ) from exc
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds plain containers and numpy arrays only; any other global is refused before it is called.
+
+    Plain dicts, lists, tuples, strings and numbers need no global at all; numpy arrays need their
+    reconstructor, ``ndarray`` and ``dtype`` (under both numpy 1's ``numpy.core`` and numpy 2's
+    ``numpy._core`` names, so files written by either load), and scalars ``scalar``.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("collections", "OrderedDict"),
+    })
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"the pickle names the global {module}.{name}, which is not allowed in a weights file "
+            "(allowed: containers, numpy arrays and scalars); nothing in it was run")
+
+
+def read_plain_pickle(path: str | Path) -> object:
+    """Unpickle ``path`` (Detectron2's ``.pkl`` weights: dicts of numpy arrays) without running any code.
+
+    Raises CheckpointError naming the file and the reason (missing, truncated, or a global that is not
+    a container or numpy array: what a crafted pickle needs in order to run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            # latin1: Caffe2-era pickles written by Python 2 hold numpy buffers as byte strings.
+            return _PlainDataUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # truncation and junk raise EOFError, UnpicklingError, ValueError, ...
+        raise CheckpointError(f"cannot read {path} as plain weights: {type(exc).__name__}: {exc}") from exc
+
+
+def read_weights_file(path: str | Path, map_location: Any = "cpu") -> object:
+    """Any weights file, read without running code: ``.pkl`` by :func:`read_plain_pickle`, else :func:`read_checkpoint`."""
+    return read_plain_pickle(path) if str(path).endswith(".pkl") else read_checkpoint(path, map_location)
+
+
+def check_finite(state: Mapping[str, Any], source: str = "<checkpoint>", what: str = "tensors") -> None:
+    """Refuse ``state`` (name -> tensor or array) if any floating-point entry holds NaN or Inf.
+
+    Raises CheckpointError naming the count and the first few such keys with their number of bad
+    values: such weights train to NaN or score a meaningless number, so nothing may start from them.
+    """
+    bad, checked = [], 0
+    for k in sorted(state, key=str):
+        v = state[k]
+        if isinstance(v, torch.Tensor) and (torch.is_floating_point(v) or v.is_complex()):
+            n, size = int((~torch.isfinite(v)).sum()), v.numel()
+        elif isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.inexact):
+            n, size = int((~np.isfinite(v)).sum()), v.size
+        else:
+            continue
+        checked += 1
+        if n:
+            bad.append(f"{k} ({n} of {size} values)")
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {len(bad)} of {checked} {what}: "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
 def _load_reason(exc: Exception) -> str:
@@ -196,35 +271,54 @@ def extract_teacher_encoder(ckpt: object, source: str = "<checkpoint>") -> tuple
     )
 
 
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    """The shape of a tensor or array; None for anything else (which then fits no expected shape)."""
+    return tuple(value.shape) if isinstance(value, (torch.Tensor, np.ndarray)) else None
+
+
 def key_shape_diff(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
-    """``(missing, unexpected, wrong_shape)`` keys of ``state`` (tensors or arrays) against ``expected`` shapes, sorted."""
+    """``(missing, unexpected, wrong_shape)`` keys of ``state`` (tensors or arrays) against ``expected`` shapes, sorted.
+
+    A value that is neither a tensor nor an array counts as wrongly shaped.
+    """
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if _shape_of(state[k]) != tuple(expected[k]))
     return missing, unexpected, wrong_shape
 
 
-def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
-    """Check ``state`` is exactly torchvision's ``arch`` (no fc); return it without BN counters.
+def describe_key_shape_diff(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> str:
+    """'' when ``state`` has exactly ``expected``'s keys and shapes; else one line naming the differences.
 
-    Raises CheckpointError naming the missing, unexpected or wrongly shaped keys.
+    The one wording of every key/shape refusal (converters, transfer entry points, evaluation):
+    counts and the first few keys of each kind, missing ones flagged as what would stay random.
+    """
+    missing, unexpected, wrong = key_shape_diff(state, expected)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (would stay random), e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}")
+    if wrong:
+        shown = [f"{k}: {_shape_of(state[k]) or type(state[k]).__name__} != {tuple(expected[k])}" for k in wrong[:3]]
+        parts.append(f"{len(wrong)} wrong shapes, e.g. {shown}")
+    return "; ".join(parts)
+
+
+def verify_resnet_state(state: dict[str, torch.Tensor], arch: str, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Check ``state`` is exactly torchvision's ``arch`` (no fc) with finite values; return it without BN counters.
+
+    Raises CheckpointError naming the missing, unexpected, wrongly shaped or non-finite keys.
     """
     expected = expected_resnet_shapes(arch)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected, wrong = key_shape_diff(state, expected)
-    bad_shape = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in wrong]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-    if bad_shape:
-        problems.append(f"{len(bad_shape)} wrong shapes (e.g. {bad_shape[:3]})")
+    problems = describe_key_shape_diff(state, expected)
     if problems:
-        raise CheckpointError(f"{source}: the teacher encoder is not a torchvision {arch}: " + "; ".join(problems))
+        raise CheckpointError(f"{source}: the teacher encoder is not a torchvision {arch}: {problems}")
     for k, v in state.items():
         if not torch.is_floating_point(v):
             raise CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected floating point")
+    check_finite(state, f"{source}: teacher encoder")
     return state
 
 

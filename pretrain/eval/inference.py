@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer.checkpoint_io import CheckpointError, infer_arch, read_checkpoint, verify_resnet_state
+from transfer.checkpoint_io import (CheckpointError, check_finite, describe_key_shape_diff, infer_arch,
+                                   read_checkpoint, verify_resnet_state)
 from transfer.official_slotcon import (is_official_checkpoint, official_args, official_method_state,
                                        official_model_config, official_summary, official_teacher_encoder)
 
@@ -46,7 +47,14 @@ def model_config_from_dict(cfg: dict):
     if unknown:
         raise KeyError(f"checkpoint config keys model.{unknown} are unknown to ModelConfig "
                        f"(valid: {sorted(known)})")
-    return ModelConfig(**section)
+    model_cfg = ModelConfig(**section)
+    # The rules load_config applies: a value of the wrong type or range is named, not met deep in a constructor.
+    from ..methods.config import model_problems
+
+    broken = next(iter(model_problems(model_cfg)), None)
+    if broken is not None:
+        raise KeyError(f"checkpoint {broken.message()}")
+    return model_cfg
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -111,20 +119,16 @@ def _load_complete(method: nn.Module, state: dict, path: Path, fill_counters: bo
         for k, v in expected.items():
             if k.endswith("num_batches_tracked") and k not in state:
                 state[k] = torch.zeros_like(v)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected)
-                   if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(expected[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (would stay random), e.g. {missing[:5]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shapes, e.g. " + ", ".join(
-            f"{k}: {tuple(getattr(state[k], 'shape', ()))} != {tuple(expected[k].shape)}" for k in wrong[:3]))
+    problems = describe_key_shape_diff(state, {k: tuple(v.shape) for k, v in expected.items()})
     if problems:
-        raise CheckpointRefused(f"{path}: weights do not fit the network of its own config: " + "; ".join(problems))
+        raise CheckpointRefused(f"{path}: weights do not fit the network of its own config: {problems}")
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointRefused(f"{path}: {len(not_tensors)} entries of 'model' are not tensors, e.g. {not_tensors[:5]}")
+    try:
+        check_finite(state, str(path), "weights")
+    except CheckpointError as e:
+        raise CheckpointRefused(str(e)) from None
     method.load_state_dict(state, strict=True)
 
 
@@ -156,13 +160,16 @@ def load_method(checkpoint: str | Path, device: torch.device | None = None, rand
     except CheckpointError as e:
         raise CheckpointRefused(str(e)) from None
     if seed is None:
-        seed = int(cfg.get("train", {}).get("seed", 0))
+        train = cfg.get("train")
+        seed = train.get("seed", 0) if isinstance(train, dict) else 0
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise CheckpointRefused(f"{path}: config train.seed is {seed!r}, not an integer")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     try:
         method = build_method(model_cfg)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError) as e:  # a config with a wrong value or type for a field
         raise CheckpointRefused(f"{path}: cannot build the network of its config: {e}") from None
     if not random_init:
         _load_complete(method, state, path, fill_counters=official)
@@ -199,6 +206,12 @@ def assign_batch(method: nn.Module, images: Tensor, device: torch.device, amp: b
         a = method.assign(images)
     if a.dim() != 4 or a.shape[0] != images.shape[0]:
         raise ValueError(f"method.assign returned shape {tuple(a.shape)}; expected (B,K,h,w) with B={images.shape[0]}")
+    bad = int((~torch.isfinite(a)).sum())
+    if bad:
+        # argmax over NaN picks an arbitrary group, so every score computed from it would look plausible.
+        raise CheckpointRefused(f"the network's assignments hold {bad} non-finite values (NaN/Inf) of {a.numel()} "
+                                f"on a batch of {a.shape[0]} images: its weights do not give a usable network "
+                                "(e.g. a negative BN running_var)")
     return a.float()
 
 

@@ -4,18 +4,22 @@ SlotCon transfers the teacher encoder to Mask R-CNN R50-FPN in Detectron2 (SlotC
 file format is Detectron2's pickle: ``{"model": {name: np.ndarray}, "__author__": str,
 "matching_heuristics": True}``; with ``matching_heuristics`` Detectron2 matches ``stem.*`` / ``res*``
 to ``backbone.bottom_up.*`` by suffix, as for the MoCo/DetCo/SlotCon converted weights.
+Detectron2 itself unpickles ``.pkl`` files with plain ``pickle``, so a crafted file would run code:
+:func:`read_d2_weights` is how ``python -m transfer.detection`` (and its checkpointer) reads every file.
 """
 from __future__ import annotations
 
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from transfer.checkpoint_io import (
-    RESNET_LAYOUT, CheckpointError, depth_of, expected_resnet_shapes, key_shape_diff, state_checksum,
+    RESNET_LAYOUT, CheckpointError, check_finite, depth_of, describe_key_shape_diff, expected_resnet_shapes,
+    read_plain_pickle, read_weights_file, state_checksum,
 )
 
 AUTHOR = "objcentric-pretrain (teacher encoder)"
@@ -88,13 +92,9 @@ def to_detectron2(state: dict[str, torch.Tensor], arch: str) -> dict[str, np.nda
         if new in out:
             raise CheckpointError(f"two source keys map to the Detectron2 key {new!r} (second: {k!r})")
         out[new] = v.detach().cpu().float().numpy()
-    expected = expected_d2_shapes(arch)
-    missing, extra, bad = key_shape_diff(out, expected)
-    if missing or extra or bad:
-        raise CheckpointError(
-            f"conversion to Detectron2 {arch} failed verification: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {extra[:5]} ({len(extra)}), wrong shape {bad[:5]} ({len(bad)})"
-        )
+    problems = describe_key_shape_diff(out, expected_d2_shapes(arch))
+    if problems:
+        raise CheckpointError(f"conversion to Detectron2 {arch} failed verification: {problems}")
     return out
 
 
@@ -117,28 +117,47 @@ def write_d2_pickle(arrays: dict[str, np.ndarray], out: str | Path, encoder: dic
     return out
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: any other global is refused, so no code runs."""
+def read_d2_weights(path: str | Path) -> dict[str, Any]:
+    """A weights file as Detectron2's checkpointer hands it to ``_load_model``, read without running code.
 
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict")}
+    ``.pkl``: this project's converted backbone or a Detectron2 model-zoo file (``{"model", "__author__",
+    ...}``, returned as is) or a Caffe2-era pickle (wrapped as Detectron2 wraps it), through the
+    containers-and-arrays unpickler; ``.pyth``: pycls's ``model_state``; anything else (Detectron2's own
+    ``.pth`` checkpoints: ``model`` plus ``iteration`` and trainer state) through
+    ``torch.load(weights_only=True)``. Raises CheckpointError naming the file and the reason: unreadable,
+    a pickle that names a global beyond those, no ``model`` mapping, or non-finite ``model`` tensors.
+    """
+    path = Path(path)
+    data = read_weights_file(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(data).__name__}")
+    if path.suffix == ".pkl" and not ("model" in data and "__author__" in data):
+        # Detectron2's own reading of a Caffe2 / Detectron1 model-zoo pickle, with the same renames.
+        blobs = data["blobs"] if isinstance(data.get("blobs"), dict) else data
+        data = {"model": {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")},
+                "__author__": "Caffe2", "matching_heuristics": True}
+    elif path.suffix == ".pyth":
+        if not isinstance(data.get("model_state"), dict):
+            raise CheckpointError(f"{path}: a .pyth (pycls) checkpoint needs 'model_state'")
+        data = {"model": {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")},
+                "__author__": "pycls", "matching_heuristics": True}
+    elif "model" not in data:
+        data = {"model": data}
+    if not isinstance(data["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is a {type(data['model']).__name__}, not a mapping of weights")
+    check_finite(data["model"], str(path))
+    return data
 
-    def find_class(self, module: str, name: str):  # noqa: D102
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+def encoder_meta(record: dict[str, Any]) -> dict:
+    """The ``encoder`` record (``{"stem_pool": bool, ...}``) of a loaded weights file; {} when absent."""
+    meta = record.get("encoder") if isinstance(record, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def read_encoder_meta(path: str | Path) -> dict:
     """The ``encoder`` record of a Detectron2 weights ``.pkl`` ({} when absent), read without running code."""
-    try:
-        with open(path, "rb") as f:
-            data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as plain weights: {exc}") from exc
-    meta = data.get("encoder") if isinstance(data, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+    return encoder_meta(read_plain_pickle(path))
 
 
 def summary(source: str | Path, out: str | Path, arch: str, arrays: dict[str, np.ndarray]) -> str:

@@ -8,6 +8,12 @@ GPUs), evaluation with the official pycocotools (``use_fast_impl=False``), SyncB
 it cannot run (CPU, or a single process). Pretrained weights are loaded strictly: a backbone key that
 would stay randomly initialised stops the run before training. The final bbox/segm AP are written to
 ``OUTPUT_DIR/metrics.json`` (Detectron2's per-iteration log goes to ``train_metrics.json``).
+
+No input file runs code: every weights file (``--weights``, the ``--resume`` checkpoint) is read with
+``transfer.detection.convert.read_d2_weights`` (numpy-only unpickler for ``.pkl``, ``weights_only`` torch.load
+otherwise), first by ``main`` (a refused or non-finite file exits 2 naming it), then by each rank's
+checkpointer, which replaces Detectron2's plain-pickle reader. In a single process the rank takes over
+the record ``main`` validated instead of reading the file again.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 
 from transfer.checkpoint_io import CheckpointError
 from transfer.detection.backbones import add_stem_pool_key, check_stem
-from transfer.detection.convert import read_encoder_meta
+from transfer.detection.convert import encoder_meta, read_d2_weights
 from transfer.detection.datasets import coco_paths, default_data_root, register_coco
 
 # A child of Detectron2's logger, so that default_setup's handlers (console + log.txt) print it.
@@ -49,13 +55,43 @@ class BackboneWeightsError(RuntimeError):
     """Pretrained weights that would leave part of the backbone randomly initialised."""
 
 
+# The record main() validated, keyed by the file's absolute path and (mtime, size), for the rank of a
+# single-process run to load instead of reading the same file again; taken (and dropped) on first use.
+_VALIDATED: dict[str, tuple[tuple[int, int], dict]] = {}
+
+
+def _file_key(path: str | Path) -> tuple[str, tuple[int, int]]:
+    st = os.stat(path)
+    return os.path.abspath(path), (st.st_mtime_ns, st.st_size)
+
+
+def _hand_over(path: str | Path, record: dict) -> None:
+    name, stamp = _file_key(path)
+    _VALIDATED.clear()
+    _VALIDATED[name] = (stamp, record)
+
+
+def _take_over(path: str | Path) -> dict | None:
+    try:
+        name, stamp = _file_key(path)
+    except OSError:
+        return None
+    held = _VALIDATED.pop(name, None)
+    return held[1] if held is not None and held[0] == stamp else None
+
+
 class StrictBackboneCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that refuses a load leaving any backbone tensor unloaded.
+    """DetectionCheckpointer that reads files without running code and refuses a partial backbone load.
 
     Detectron2 only logs missing keys and silently skips wrongly shaped ones; for a transfer
     benchmark that would measure a partly random backbone, so both are errors here. With
     ``require_all`` (evaluating a finished detector) every model key must be loaded.
     """
+
+    def _load_file(self, filename: str) -> dict:
+        # Detectron2 unpickles .pkl files with plain pickle and fvcore calls torch.load with the
+        # installed torch's default (weights_only only from torch 2.6): a crafted file would run code.
+        return _take_over(filename) or read_d2_weights(filename)
 
     def __init__(self, model: torch.nn.Module, save_dir: str = "", *, require_all: bool = False, **kwargs: Any):
         super().__init__(model, save_dir, **kwargs)
@@ -171,9 +207,14 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
     stem_pool = None
-    # A missing file is reported by main()'s input checks; a Detectron2 .pth checkpoint records no variant.
-    if cfg.MODEL.WEIGHTS.endswith(".pkl") and not args.eval_only and Path(cfg.MODEL.WEIGHTS).is_file():
-        stem_pool = read_encoder_meta(cfg.MODEL.WEIGHTS).get("stem_pool")
+    if cfg.MODEL.WEIGHTS and not args.eval_only:
+        # main() passes the record of the file it validated (ranks get it with args); a direct caller
+        # gets it read here. A missing file is reported by main()'s input checks; a Detectron2 .pth
+        # checkpoint records no variant.
+        encoder = getattr(args, "weights_encoder", None)
+        if encoder is None and Path(cfg.MODEL.WEIGHTS).is_file():
+            encoder = encoder_meta(read_d2_weights(cfg.MODEL.WEIGHTS))
+        stem_pool = (encoder or {}).get("stem_pool")
     check_stem(cfg, stem_pool, cfg.MODEL.WEIGHTS)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
@@ -244,6 +285,36 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def resume_checkpoint(cfg: CfgNode) -> Path | None:
+    """The checkpoint ``--resume`` loads: the file ``OUTPUT_DIR/last_checkpoint`` names (Detectron2's rule), or None."""
+    tag = Path(cfg.OUTPUT_DIR) / "last_checkpoint"
+    if not tag.is_file():
+        return None
+    return Path(cfg.OUTPUT_DIR) / tag.read_text().strip()
+
+
+def validate_inputs(args: argparse.Namespace) -> tuple[Path, dict] | None:
+    """Read every file the run will load, refuse what is unusable, and check the config against the weights.
+
+    Sets ``args.weights_encoder`` (the weights' encoder record, carried to every rank with ``args``).
+    Returns ``(path, record)`` of the file the checkpointer will load (``--weights``, or the resume
+    checkpoint), or None when it loads nothing. Raises CheckpointError (an unreadable, code-carrying
+    or non-finite file) or ValueError (a config that does not fit).
+    """
+    loaded = None
+    if args.weights != SCRATCH:
+        record = read_d2_weights(args.weights)
+        args.weights_encoder = encoder_meta(record)
+        loaded = (Path(args.weights), record)
+    cfg = setup_cfg(argparse.Namespace(**vars(args)))
+    resume = resume_checkpoint(cfg) if args.resume else None
+    if resume is not None:
+        if not resume.is_file():
+            raise CheckpointError(f"--resume: {resume} (named in {Path(cfg.OUTPUT_DIR) / 'last_checkpoint'}) not found")
+        loaded = (resume, read_d2_weights(resume))
+    return loaded
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: check the inputs, then ``launch`` one process per GPU (or one on CPU)."""
     args = build_parser().parse_args(argv)
@@ -254,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.data_root = args.data_root or default_data_root()
     args.config_file = args.config  # default_setup logs and copies the file named here
-    problems = []
+    problems, loaded = [], None
     if not Path(args.config).is_file():
         problems.append(f"config not found: {args.config}")
     if args.weights != SCRATCH and not Path(args.weights).is_file():
@@ -270,14 +341,16 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"{args.num_gpus} GPUs x {args.num_machines} machines needs CUDA (Detectron2's launch uses "
                         "NCCL); on CPU run one process (--num-gpus 1 --num-machines 1)")
     if not problems:
-        try:  # config errors (a bad key, a stem that does not fit the weights) stop here, not in a worker
-            setup_cfg(argparse.Namespace(**vars(args)))
+        try:  # unusable weights and config errors (a bad key, a stem that does not fit) stop here, not in a worker
+            loaded = validate_inputs(args)
         except (ValueError, KeyError, AssertionError, CheckpointError) as exc:
-            problems.append(str(exc))
+            problems.append(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
     if problems:
         for msg in problems:
-            print(f"error: {msg}", file=sys.stderr)
+            print("error: " + " ".join(str(msg).split()), file=sys.stderr)
         return 2
+    if loaded is not None and args.num_gpus * args.num_machines == 1:
+        _hand_over(*loaded)  # launch() runs the only rank in this process
     launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
     return 0

@@ -88,6 +88,20 @@ def _allow_mmengine_checkpoints_under_weights_only() -> None:
         HistoryBuffer._objcentric_weights_only_state = True
 
 
+def _load_local_checkpoints_weights_only() -> None:
+    # mmengine 0.10's local loader (the Pretrained init, load_from, resume) calls torch.load without
+    # weights_only, i.e. plain unpickling under torch < 2.6, so a crafted file would run code. Its
+    # replacement reads through the project's one safe reader (weights_only plus the types allowed above).
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from transfer.checkpoint_io import read_checkpoint
+
+    def load_from_local_weights_only(filename, map_location):  # "load_from_" prefix: mmengine logs the rest
+        return read_checkpoint(Path(filename).expanduser(), map_location)
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_from_local_weights_only, force=True)
+
+
 def _cpu_process_groups() -> None:
     # mmengine's torchrun path calls torch.cuda.set_device(LOCAL_RANK) unconditionally, which fails on a
     # machine without GPUs; multi-process CPU runs (gloo: CI, laptops) then only need the process group.
@@ -117,6 +131,7 @@ def apply() -> None:
     _quiet_expected_mmcv_lite_warning()
     _install_mmcv_ops_placeholder()
     _allow_mmengine_checkpoints_under_weights_only()
+    _load_local_checkpoints_weights_only()
     _cpu_process_groups()
 
 

@@ -27,13 +27,17 @@ class VerifyBackboneHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def __init__(self, weights: str) -> None:
+    def __init__(self, weights: str, state: dict | None = None) -> None:
+        """``state``: the file's ``state_dict`` when the caller has read it already (else read when needed)."""
         self.weights = weights
+        self.state = state
 
     def before_train(self, runner) -> None:
+        state, self.state = self.state, None  # needed once: not held through training
         if runner.iter > 0:
             return
-        state, _ = load_converted(self.weights)
+        if state is None:
+            state, _ = load_converted(self.weights)
         bad = mismatched_tensors(_unwrap(runner.model).backbone, state)
         if bad:
             raise RuntimeError(

@@ -4,6 +4,11 @@ One entry point for the three protocols (configs/segmentation/): builds the mmen
 config, the converted weights (tools/convert_to_mmseg.py) and ``key=value`` overrides; checks the
 dataset layout; refuses weights that would leave any backbone key random; writes metrics JSON.
 Same code path on a laptop (CPU, one process, BN) and on a cluster (torchrun or SLURM, NCCL, SyncBN).
+
+No input file runs code: the converted ``--weights``, the ``--eval-only`` checkpoint and the checkpoint
+``--resume`` continues are read with ``torch.load(weights_only=True)`` (``transfer.checkpoint_io``) before
+the Runner is built (an unusable or non-finite file exits 2 naming it), and mmengine's own local
+loader is replaced by the same reader (``compat``).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from mmengine.logging import print_log  # noqa: E402
 from transfer.checkpoint_io import CheckpointError  # noqa: E402
 
 from .layout import check_layouts  # noqa: E402
-from .weights import check_weights_fit_config, load_converted  # noqa: E402
+from .weights import check_checkpoint, check_weights_fit_config, load_converted  # noqa: E402
 
 LAUNCHERS = ("none", "pytorch", "slurm")
 
@@ -180,8 +185,12 @@ def world_size_of(launcher: str) -> int:
     return 1
 
 
-def build_config(args: SegArgs) -> Config:
-    """The effective config: file + overrides + launcher, batch split, norm, weights, data root, work dir."""
+def build_config(args: SegArgs, converted: tuple[dict, dict] | None = None) -> Config:
+    """The effective config: file + overrides + launcher, batch split, norm, weights, data root, work dir.
+
+    ``converted`` is ``load_converted(args.weights)`` when the caller already read the weights (their
+    encoder variant is carried into ``model.backbone``); otherwise the file is read here if it exists.
+    """
     cfg = Config.fromfile(args.config)
     if args.overrides:
         cfg.merge_from_dict(parse_overrides(cfg, args.overrides))
@@ -228,8 +237,10 @@ def build_config(args: SegArgs) -> Config:
             backbone.init_cfg = None
         else:
             backbone.init_cfg = dict(type="Pretrained", checkpoint=str(Path(args.weights).resolve()))
-            if Path(args.weights).is_file():  # a missing file is reported by the weights check in run()
-                _, meta = load_converted(args.weights)
+            if converted is None and Path(args.weights).is_file():  # run() reports a missing file
+                converted = load_converted(args.weights)
+            if converted is not None:
+                meta = converted[1]
                 from .backbones import carry_encoder_variant
 
                 note = carry_encoder_variant(backbone, meta.get("encoder") or {})
@@ -250,6 +261,12 @@ def _relaunch_with_torchrun(argv: list[str], gpus: int) -> int:
     return subprocess.call(cmd)
 
 
+def find_resume_checkpoint(work_dir: str | Path) -> Path | None:
+    """The checkpoint mmengine's resume continues: the path ``work_dir/last_checkpoint`` holds (as is), or None."""
+    tag = Path(work_dir) / "last_checkpoint"
+    return Path(tag.read_text().strip()) if tag.is_file() else None
+
+
 def run(args: SegArgs) -> dict[str, Any]:
     """Train (or evaluate) and return the last metrics record (also written to the work dir as JSON)."""
     from mmengine.runner import Runner
@@ -260,13 +277,20 @@ def run(args: SegArgs) -> dict[str, Any]:
 
     register_all_modules(init_default_scope=False)
     roles = ("test",) if args.eval_only else ("train", "val")
-    weights = None
+    weights = converted = None
     try:
-        cfg = build_config(args)
-        counts = check_layouts(cfg, roles)
-        if not args.eval_only and args.weights != "random":
+        if not args.eval_only and args.weights not in (None, "random"):
             weights = str(Path(args.weights).resolve())
-            check_weights_fit_config(weights, cfg.model.backbone)  # stops before building anything heavy
+            converted = load_converted(weights)  # the one read before mmengine's Pretrained init
+        cfg = build_config(args, converted)
+        counts = check_layouts(cfg, roles)
+        if converted is not None:
+            check_weights_fit_config(weights, cfg.model.backbone, converted)  # stops before building anything heavy
+        # The whole-model checkpoint mmengine will load, as its Runner.load_or_resume picks it.
+        if cfg.get("load_from"):
+            check_checkpoint(cfg.load_from, "--eval-only" if args.eval_only else "load_from")
+        elif cfg.resume and (resume := find_resume_checkpoint(cfg.work_dir)) is not None:
+            check_checkpoint(resume, "--resume")
     except (KeyError, TypeError, ValueError, OSError, CheckpointError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise SetupError(msg) from exc
@@ -278,7 +302,8 @@ def run(args: SegArgs) -> dict[str, Any]:
     runner.register_hook(MetricsJsonHook(info), priority="LOW")
     runner.register_hook(PreemptionHook(), priority="VERY_LOW")
     if weights is not None:
-        runner.register_hook(VerifyBackboneHook(weights), priority="VERY_HIGH")
+        runner.register_hook(VerifyBackboneHook(weights, converted[0]), priority="VERY_HIGH")
+    del converted  # the hook holds the state until it has compared it
     work = Path(runner.work_dir)
     if args.eval_only:
         metrics = runner.test()
@@ -292,12 +317,17 @@ def run(args: SegArgs) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.launcher == "none" and args.gpus and args.gpus > 1:
-        return _relaunch_with_torchrun(argv, args.gpus)
     try:
+        if args.launcher == "none" and args.gpus and args.gpus > 1:
+            if not args.eval_only and args.weights not in (None, "random"):
+                try:  # refused once here rather than by every process torchrun starts
+                    load_converted(args.weights)
+                except CheckpointError as exc:
+                    raise SetupError(str(exc)) from exc
+            return _relaunch_with_torchrun(argv, args.gpus)
         record = run(args)
     except SetupError as exc:
-        print(f"python -m transfer.segmentation: error: {exc}", file=sys.stderr)
+        print("python -m transfer.segmentation: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if record.get("metrics"):
         print(json.dumps(record["metrics"]))

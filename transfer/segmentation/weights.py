@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from transfer.checkpoint_io import (
-    CheckpointError, depth_of, key_shape_diff, load_teacher_encoder_with_variant, state_checksum,
+    CheckpointError, check_finite, depth_of, describe_key_shape_diff, load_teacher_encoder_with_variant,
+    read_checkpoint, state_checksum,
 )
 
 from . import compat  # noqa: F401  (mmcv.ops placeholder before mmseg is imported)
@@ -67,24 +68,10 @@ def to_mmseg_state(state: dict[str, torch.Tensor], arch: str, source: str = "<ch
     for k in expected:
         if k.endswith("num_batches_tracked") and k not in out:
             out[k] = torch.tensor(0, dtype=torch.long)
-    problems = compare_shapes(out, expected)
+    problems = describe_key_shape_diff(out, expected)
     if problems:
         raise CheckpointError(f"{source}: the encoder does not map onto mmseg ResNet-{depth_of(arch)}: {problems}")
     return out
-
-
-def compare_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str:
-    """'' if ``state`` has exactly ``expected``'s keys and shapes, else a message naming the differences."""
-    missing, unexpected, wrong = key_shape_diff(state, expected)
-    bad = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in wrong]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} backbone keys missing (would stay random), e.g. {missing[:5]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-    if bad:
-        parts.append(f"{len(bad)} wrong shapes, e.g. {bad[:3]}")
-    return "; ".join(parts)
 
 
 def convert(src: str | Path, dst: str | Path, arch: str | None = None) -> dict[str, Any]:
@@ -113,28 +100,48 @@ def convert(src: str | Path, dst: str | Path, arch: str | None = None) -> dict[s
 
 
 def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a converted file (``weights_only=True``); error naming the path if it is not one."""
+    """Read a converted file (``weights_only=True``, finite values); error naming the path if it is not one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"converted weights not found: {path} (make them with tools/convert_to_mmseg.py)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}") from exc
+    obj = read_checkpoint(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a converted backbone (expected a dict with 'state_dict'); "
                               "convert pretraining checkpoints with tools/convert_to_mmseg.py first")
+    check_finite(obj["state_dict"], str(path))
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     return obj["state_dict"], meta
 
 
-def check_weights_fit_config(path: str | Path, backbone_cfg: dict) -> dict[str, Any]:
+def check_checkpoint(path: str | Path, role: str) -> None:
+    """Refuse an mmengine checkpoint (``--eval-only``'s, or the one ``--resume`` continues) that cannot be used.
+
+    Read as mmengine will read it (``weights_only`` with mmengine's bookkeeping types allowed, see
+    ``compat``); its ``state_dict`` must be a mapping of finite tensors. Raises CheckpointError naming
+    ``role`` and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{role}: checkpoint {path} not found")
+    try:
+        obj = read_checkpoint(path)
+        state = obj.get("state_dict") if isinstance(obj, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not an mmengine checkpoint (expected a dict with 'state_dict')")
+        check_finite(state, str(path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{role}: {exc}") from exc
+
+
+def check_weights_fit_config(path: str | Path, backbone_cfg: dict,
+                             converted: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Stop before training if any backbone key would stay random (or not fit) under ``backbone_cfg``.
 
-    Returns the file's meta. Raises CheckpointError naming the keys and, for a depth mismatch, the
-    overrides that make the config match.
+    ``converted`` is :func:`load_converted`'s result when the caller already read ``path``. Returns the
+    file's meta. Raises CheckpointError naming the keys and, for a depth mismatch, the overrides that
+    make the config match.
     """
-    state, meta = load_converted(path)
+    state, meta = converted if converted is not None else load_converted(path)
     if backbone_cfg.get("type") not in RESNET_TYPES:
         raise CheckpointError(
             f"model.backbone.type is {backbone_cfg.get('type')!r}; converted torchvision-style weights fit "
@@ -147,7 +154,7 @@ def check_weights_fit_config(path: str | Path, backbone_cfg: dict) -> dict[str, 
             f"{path} holds a ResNet-{file_depth} but the config's model.backbone.depth is {depth}; for a "
             f"ResNet-{file_depth} pass model.backbone.depth={file_depth} model.decode_head.in_channels={c} "
             f"(and model.auxiliary_head.in_channels={c // 2} where the config has one)")
-    problems = compare_shapes(state, mmseg_resnet_shapes(depth, backbone_cfg))
+    problems = describe_key_shape_diff(state, mmseg_resnet_shapes(depth, backbone_cfg))
     if problems:
         raise CheckpointError(f"{path} does not fit the config's backbone (ResNet-{depth}): {problems}")
     return meta
