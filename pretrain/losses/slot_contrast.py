@@ -48,13 +48,28 @@ def slot_infonce(
 
 
 def _needs_two_samples(predictor: Callable[[Tensor], Tensor]) -> bool:
-    """Whether ``predictor`` holds non-synchronised BatchNorm in training mode (fails on one sample)."""
+    """Whether ``predictor`` holds training-mode BatchNorm that normalises this rank's batch alone.
+
+    Such a BN raises on a single sample; SyncBN across ranks does not (its statistics pool every
+    rank's samples), and it is a collective, so it must never be skipped on one rank only.
+    """
     if not isinstance(predictor, torch.nn.Module):
         return False
+    synced = get_world_size() > 1
     return any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm) and m.training
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        and not (synced and isinstance(m, torch.nn.SyncBatchNorm))
         for m in predictor.modules()
     )
+
+
+def _zero_touching(student_slots: Tensor, predictor: Callable[[Tensor], Tensor]) -> Tensor:
+    """A zero loss whose graph reaches the student slots and every predictor parameter, so that DDP
+    finds each of them used (and all-reduces their zero gradients) on this rank too."""
+    zero = student_slots.sum() * 0.0
+    if isinstance(predictor, torch.nn.Module):
+        zero = zero + sum(p.sum() for p in predictor.parameters()) * 0.0
+    return zero
 
 
 def slot_contrastive_loss(
@@ -90,13 +105,16 @@ def slot_contrastive_loss(
         gathered = (concat_all_gather(teacher_slots.detach().flatten(0, 1)), concat_all_gather(teacher_mask.flatten()))
     teacher_all, teacher_mask_all = gathered
     count = all_reduce_sum(torch.tensor(float(query.numel()), device=student_slots.device))
-    if query.numel() == 0 or (query.numel() == 1 and _needs_two_samples(predictor)):
-        # Nothing to contrast on this rank (or a single query that plain training-mode BN cannot
-        # normalise): a zero that still touches the student graph, so DDP sees every parameter used.
-        zero = student_slots.sum() * 0.0
-        if isinstance(predictor, torch.nn.Module):
-            zero = zero + sum(p.sum() for p in predictor.parameters()) * 0.0
-        return zero
+    # Every rank runs the predictor every step, also with an empty selection: its BNs are SyncBN on
+    # CUDA with several ranks, a collective in forward and backward, so a rank that skipped it would
+    # leave the others waiting. Empty batches are valid there (SyncBN gathers a zero count from that
+    # rank; plain BN returns an empty output and keeps its running statistics), and the empty
+    # prediction's zero loss keeps the predictor in the graph, so the backward collective runs too.
+    # Only decisions every rank takes alike may skip it: no query on any rank (the all-reduced
+    # count; SyncBN would normalise with no samples at all), or a single query for a BN that sees
+    # this rank's batch alone (no collective there; it cannot normalise one sample).
+    if float(count) == 0.0 or (query.numel() == 1 and _needs_two_samples(predictor)):
+        return _zero_touching(student_slots, predictor)
     pred = predictor(student_slots.flatten(0, 1)[query])
     total = slot_infonce(pred, query + get_rank() * b * k, teacher_all, teacher_mask_all, tau)
     return total * (get_world_size() / count.clamp(min=1.0)) * (2.0 * tau)
