@@ -7,7 +7,9 @@ CKPT is a full pretraining checkpoint (teacher encoder under ``teacher_encoder.`
 an exported backbone ``{"backbone": ..., "arch": ...}``, an official SlotCon release checkpoint
 (e.g. ``slotcon_coco_r50_800ep.pth``: its teacher ``encoder_k``, never the student ``encoder_q``) or a
 plain torchvision ResNet state dict (``fc`` dropped). Every backbone key of the depth is verified
-against Detectron2's own ResNet. Exit status 0 on success, 2 with a one-line reason on refusal.
+against Detectron2's own ResNet, and every value must be finite. The input is read with
+``torch.load(weights_only=True)``: a pickle that would run code is refused. Exit status 0 on success,
+2 with a one-line reason on refusal.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert(args.ckpt, args.out, args.depth))
     except CheckpointError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
+        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     return 0
 

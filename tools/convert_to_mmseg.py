@@ -10,7 +10,9 @@ transfers (Sec. 4.2). OUT holds plain tensors under ``state_dict`` with mmseg ``
 names (no prefix: consumed by the backbone's ``init_cfg=dict(type='Pretrained', checkpoint=OUT)``,
 which ``python -m transfer.segmentation --weights OUT`` sets); see transfer/segmentation/weights.py.
 Every key of mmseg's ResNet of that depth is verified present once with the right shape, and
-nothing else; unreadable files, checkpoints without an encoder and a wrong depth are refused.
+nothing else; unreadable files (including a pickle that would run code: the input is read with
+``torch.load(weights_only=True)``), checkpoints without an encoder, a wrong depth and non-finite
+values are refused with exit status 2 and one line.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = convert(args.checkpoint, args.output, args.arch)
     except CheckpointError as exc:
-        print(f"convert_to_mmseg: refused: {exc}", file=sys.stderr)
+        print("convert_to_mmseg: refused: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     print(f"input      {s['source']}")
     print(f"arch       {s['arch']} (teacher encoder)")

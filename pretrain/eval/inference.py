@@ -146,7 +146,9 @@ def load_method(checkpoint: str | Path, device: torch.device | None = None, rand
     weights the run started from. Returns ``(method in eval mode, config dict)``.
 
     Raises CheckpointRefused (a ``CheckpointError`` and ``KeyError``) naming the file and the reason:
-    unreadable, no prototypes to evaluate, or weights that do not fill the network exactly.
+    unreadable (truncated, or a pickle naming a global beyond ``read_checkpoint``'s allowlist: refused
+    before it runs), no prototypes to evaluate, a config the rules refuse, weights that do not fill the
+    network exactly, or non-finite weights (named, with their count).
     """
     from ..methods import build_method
 
@@ -198,7 +200,10 @@ def autocast_for(device: torch.device, amp: bool):
 
 @torch.no_grad()
 def assign_batch(method: nn.Module, images: Tensor, device: torch.device, amp: bool = True) -> Tensor:
-    """``method.assign`` on a batch moved to ``device``; returns float32 ``(B,K,h,w)``."""
+    """``method.assign`` on a batch moved to ``device``; returns float32 ``(B,K,h,w)``.
+
+    Raises CheckpointRefused when the assignments hold NaN or Inf (finite weights can compute them).
+    """
     images = images.to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
