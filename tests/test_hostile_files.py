@@ -159,6 +159,10 @@ def test_detection_resume_refuses_code_and_resumes_a_real_checkpoint(toy, r18_pk
              if "total_loss" in r]
     assert iters == [0, 1], iters
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 1
+    # and the trained detector it wrote evaluates (--eval-only loads every model key through the same reader)
+    assert main([*common[:2], "--weights", str(out / "model_final.pth"), *common[4:], "--output-dir",
+                 str(tmp_path / "eval"), "--eval-only", *TINY]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval_only"] is True
 
     # the checkpoint --resume would continue replaced by one that runs code: refused before any rank starts
     marker = tmp_path / "ran"
