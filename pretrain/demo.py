@@ -82,10 +82,10 @@ def transfer_runs(py: str, data: Path, out: Path, weights: dict[str, tuple[Path,
     files record the encoder variant (no stem max-pool), which the entry points rebuild. ``iters`` shortens
     both schedules (a quick check, not a comparison).
     """
-    det_cfg = "configs/detection/mask_rcnn_R18_FPN_toy_scenes_demo.yaml"
+    det_cfg = {"full": "configs/detection/mask_rcnn_R18_FPN_toy_scenes_demo.yaml",
+               "frozen": "configs/detection/mask_rcnn_R18_FPN_toy_scenes_demo_frozen.yaml"}
     seg_cfg = "configs/segmentation/fcn_r18-d16_toy_scenes_demo.py"
-    frozen = {"det": ["MODEL.BACKBONE.FREEZE_AT", "5"],
-              "seg": ["+model.backbone.frozen_stages=4", "+model.backbone.norm_eval=True"]}
+    frozen_seg = ["+model.backbone.frozen_stages=4", "+model.backbone.norm_eval=True"]
     short_det = [] if iters is None else ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "1",
                                          "TEST.PRECISE_BN.NUM_ITER", "1"]
     short_seg = [] if iters is None else [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
@@ -95,14 +95,13 @@ def transfer_runs(py: str, data: Path, out: Path, weights: dict[str, tuple[Path,
         det, seg = {}, {}
         for init in ("pretrained", "random"):
             d = out / "transfer" / f"det_{mode}_{init}"
-            det[init] = ([py, "-m", "transfer.detection", "--config", det_cfg, "--weights", str(weights[init][0]),
-                          "--data-root",
-                          str(data), "--output-dir", str(d), *(frozen["det"] if mode == "frozen" else []), *short_det],
+            det[init] = ([py, "-m", "transfer.detection", "--config", det_cfg[mode], "--weights", str(weights[init][0]),
+                          "--data-root", str(data), "--output-dir", str(d), *short_det],
                          d / "metrics.json")
             d = out / "transfer" / f"seg_{mode}_{init}"
             seg[init] = ([py, "-m", "transfer.segmentation", "--config", seg_cfg, "--weights", str(weights[init][1]),
                           "--data-root", str(data), "--work-dir", str(d),
-                          *(frozen["seg"] if mode == "frozen" else []), *short_seg], d / "metrics.json")
+                          *(frozen_seg if mode == "frozen" else []), *short_seg], d / "metrics.json")
         runs[f"detectron2 {mode}"], runs[f"mmseg {mode}"] = det, seg
     return runs
 

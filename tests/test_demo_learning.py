@@ -1,16 +1,23 @@
-"""The CPU demo's learning signal (issue 11): with the demo's default settings and seed, pretraining
-lowers the loss, keeps the teacher's assignments away from the uniform collapse, and SlotCon's unsupervised
-segmentation of held-out toy scenes beats the same network at random initialisation. A broken loss,
-alignment or teacher update shows up here first (with the paper's LR at this scale the pretrained mIoU fell
-below random init; with tau_t 0.07 the assignments went uniform, entropy ln K, while the mIoU still looked fine).
+"""The CPU demo's learning and transfer signal: ``python -m pretrain.demo`` with its default settings and seed.
 
-It asserts the issue's goal for the default seed: at least 10 mIoU points over random init (the README
-lists the numbers of three seeds). Without vertical flips, or with the old background-dominated scenes,
-the gain was 1-4 points; the entropy check catches a collapsed grouping that a lucky mIoU could hide.
+Pretraining lowers the loss, keeps the teacher's assignments away from the uniform collapse, and SlotCon's
+unsupervised segmentation of held-out toy scenes beats the same network at random initialisation by at
+least 10 mIoU points. A broken loss, alignment or teacher update shows up here first (with the paper's LR at
+this scale the pretrained mIoU fell below random init; with tau_t 0.07 the assignments went uniform, entropy
+ln K, while the mIoU still looked fine).
 
-Slow (7 minutes of pretraining on 2 quiet cores with AVX512-BF16, about 17 in float32 on an AVX2-only CPU):
-it runs the real ``python -m pretrain`` and ``python -m pretrain.eval`` commands of ``make demo``. With the
-residual blocks zero-initialised (the official recipe, now the demo's) seed 0 gave 50.8 vs 12.6 in float32.
+Downstream, the converted teacher beats the run's own random initialisation, with the same schedule and
+seed, in Mask R-CNN box AP and FCN mIoU, fine-tuned and with the backbone frozen. Measured on seeds 0-2
+(README): seed 0 FCN +4.1 / +14.4, Mask R-CNN +3.4 / +3.5; every margin of seeds 0-2 at least 3.4 except
+seed 2's fine-tuned Mask R-CNN (+2.4). The test
+asks for 2 points: the run it makes is not bit-identical to the measured one (pretraining's float32
+reductions depend on the thread count), and a fine-tune from slightly different weights moves a margin by
+a point or so, which a 3-point bar would turn into a flaky test. A lost encoder variant (the stem max-pool
+the demo encoder does not have) or a BN problem in conversion shows up here: before the converters carried
+the variant, the pretrained FCN lost to random init by 5.5 points.
+
+Slow: it is ``make demo`` (see BENCHMARKS.md for its stages' wall times); the README lists the numbers of
+three seeds.
 """
 from __future__ import annotations
 
@@ -26,21 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
-    from pretrain.data.toy_scenes import make_toy_scenes
-
-    data = tmp_path / "toy"
-    make_toy_scenes(data, n_train=256, n_val=64, size=128, seed=0)  # the demo's defaults
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "pretrain", "configs/pretrain/demo_cpu.yaml", f"data.root={data}",
-                    f"train.run_dir={run}"], cwd=ROOT, check=True, capture_output=True)
-    out = tmp_path / "unsup.json"
-    subprocess.run([sys.executable, "-m", "pretrain.eval", "unsup_seg", str(run), str(data), "--compare-random",
-                    "--no-progress", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
-    res = json.loads(out.read_text())
-    pre, rnd = res["pretrained"]["miou"], res["random_init"]["miou"]
-    assert pre >= rnd + 10.0, f"pretrained mIoU {pre:.1f} vs random init {rnd:.1f}: less than 10 points apart"
+def test_demo_pretraining_and_transfer_beat_random_init(tmp_path: Path) -> None:
+    out, data = tmp_path / "demo", tmp_path / "toy"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.demo", "--out", str(out), "--data", str(data)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    pre, rnd = s["unsup_miou_pretrained"], s["unsup_miou_random"]
+    assert pre >= rnd + 10.0, f"unsupervised mIoU {pre:.1f} vs random init {rnd:.1f}: less than 10 points apart"
+    for mode in ("full", "frozen"):
+        for key in (f"det_{mode}_{{}}_AP_b", f"seg_{mode}_{{}}_mIoU"):
+            p, r = s[key.format("pretrained")], s[key.format("random")]
+            assert p >= r + 2.0, f"{key.format('pretrained|random')}: {p:.1f} vs {r:.1f}, less than 2 points apart"
     # The training loss fell over the run (first vs last 10 steps).
+    run = Path(s["artefacts"]["run_dir"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
