@@ -151,7 +151,9 @@ def test_writer_replaces_counts_and_bounds_bad_files(tmp_path):
     (root / "notes.txt").write_text("x")
     out = tmp_path / "d.beton"
     stats = write_beton(dataset_files("folder", root), out, num_workers=1, max_bad_fraction=0.5)
-    assert stats == {"images": 6, "bad": 2}
+    assert stats["images"] == 6 and stats["bad"] == 2
+    assert stats["bad_files"] == [str(root / "2.jpg"), str(root / "3.jpg")]
+    assert all(e.startswith(str(root)) and ": " in e for e in stats["examples"])
     meta = Reader(str(out)).metadata
     assert meta["f1"].tolist() == [0, 1, 4, 4, 4, 5]  # 2 and 3 replaced by the next good image
     assert meta["f2"].tolist() == [0, 0, 2, 1, 0, 0]  # skipped counts, as on the PIL path

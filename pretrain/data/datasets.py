@@ -8,17 +8,22 @@ Layouts (``root`` is ``DataConfig.root``):
 - ``folder``: every image below ``root`` (recursive)
 - ``toy``: the toy scenes' ``root/train2017/*`` (pretrain/data/toy_scenes.py)
 
-Only files with an image extension are listed. Decoding handles greyscale, palette, CMYK, RGBA
-(alpha dropped) and 16-bit images; files that cannot be decoded (truncated, corrupt) raise
-:class:`BadImageError`, and the caller substitutes the next valid index and counts the skip.
+Only files with an image extension are listed. Decoding applies the EXIF orientation (as
+Detectron2's ``read_image`` does, so pretraining sees the same upright pixels as the transfer
+tasks) and handles greyscale, palette, CMYK, RGBA (alpha dropped) and 16-bit images. Files that
+cannot be decoded (truncated, corrupt, or decompression bombs: more pixels than PIL's
+``Image.MAX_IMAGE_PIXELS``) raise :class:`BadImageError`, and the caller substitutes the next
+valid index and counts the skip.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
 
@@ -92,30 +97,51 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def decode_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array; :class:`BadImageError` if undecodable."""
+def _upright(im: Image.Image) -> None:
+    """Apply ``im``'s EXIF orientation to its pixels, in place."""
     try:
-        with Image.open(path) as im:
-            im.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays off)
-            arr = _to_rgb(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise BadImageError(f"cannot decode {path}: {e}") from e
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the pixels usable as stored (as Detectron2's reader)
+        pass
+
+
+def decode_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` to an upright (EXIF orientation applied) ``(H, W, 3)`` uint8 RGB array.
+
+    Raises :class:`BadImageError` if the file cannot be decoded, including decompression bombs:
+    images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL only warns up to twice that).
+    """
+    try:
+        with warnings.catch_warnings():
+            # Past the limit PIL would decode a possibly gigantic image after a warning; skip it instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays off)
+                _upright(im)
+                arr = _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"cannot decode {path}: decompression bomb ({e})") from e
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on malformed files; each means "bad file"
+        raise BadImageError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise BadImageError(f"cannot decode {path}: empty image of shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
-def load_valid(files: list[Path], index: int) -> tuple[np.ndarray, int, int]:
-    """Decode ``files[index]``, substituting the next decodable index (cyclically) if it fails.
+def load_valid(files: list[Path], index: int,
+               prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode ``files[index]``, substituting the next good index (cyclically) if it fails.
 
-    Returns ``(image, used_index, skipped)``; deterministic in ``index``. Raises if no file at all
-    can be decoded.
+    ``prepare`` (e.g. the FFCV writer's resize and storability checks) runs on each decoded image
+    and may reject it with :class:`BadImageError`, like a decode failure. Returns
+    ``(image, used_index, skipped)``; deterministic in ``index``. Raises if no file at all is good.
     """
     n = len(files)
     for skipped in range(n):
         k = (index + skipped) % n
         try:
-            return decode_rgb(files[k]), k, skipped
+            img = decode_rgb(files[k])
+            return (prepare(img) if prepare is not None else img), k, skipped
         except BadImageError:
             continue
     raise BadImageError(f"none of the {n} files (e.g. {files[0]}) can be decoded")

@@ -183,7 +183,8 @@ class FFCVPretrainLoader(LoaderBase):
                 "skipped": [IntDecoder()],
             },
         )
-        n = self.loader.reader.num_samples
+        # FFCV's header holds the count as numpy uint64: index arithmetic with it cannot go below 0
+        n = int(self.loader.reader.num_samples)
         self.num_images = n
         super().__init__(n, batch_size, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last,
                          max_bad_fraction=cfg.max_bad_fraction, name=lambda i: f"{path} sample {i}")

@@ -18,6 +18,8 @@ class EpochOrder:
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, drop_last: bool):
         if n == 0:
             raise ValueError("empty dataset")
+        # a numpy unsigned count (as FFCV's header gives) would make `index - skipped` wrap or overflow
+        n = int(n)
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.drop_last = int(seed), drop_last
         self.num_samples = math.ceil(n / world_size)
@@ -66,6 +68,7 @@ class BadImageTracker:
     """Counts decode failures and stops the run when too many distinct files are undecodable."""
 
     def __init__(self, n: int, name: Callable[[int], str], max_bad_fraction: float, per_rank: int):
+        n = int(n)  # see EpochOrder
         self.n, self.name, self.max_bad_fraction, self.per_rank = n, name, max_bad_fraction, per_rank
         self.bad_images = 0
         self.bad_files: set[int] = set()
