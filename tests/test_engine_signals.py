@@ -1,17 +1,19 @@
-"""Stop signals: flag handling, and children forked with the signals blocked survive them."""
+"""Stop signals: flag handling, Ctrl-C twice, and children forked with the signals blocked survive them."""
 from __future__ import annotations
 
 import os
 import signal
 import time
 
+import pytest
+
 from pretrain.engine import signals as sig
 
 
-def test_sigterm_and_sigusr1_request_a_stop():
+def test_sigterm_sigusr1_and_sigint_request_a_stop():
     previous = sig.install_handlers()
     try:
-        for s, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGUSR1, "SIGUSR1")):
+        for s, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGUSR1, "SIGUSR1"), (signal.SIGINT, "SIGINT")):
             sig.clear_stop()
             assert not sig.stop_requested()
             os.kill(os.getpid(), s)
@@ -21,6 +23,24 @@ def test_sigterm_and_sigusr1_request_a_stop():
         sig.restore_handlers(previous)
         sig.clear_stop()
     assert signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) == previous[signal.SIGINT]
+
+
+def test_second_ctrl_c_raises_keyboard_interrupt(capsys):
+    previous = sig.install_handlers()
+    try:
+        sig.clear_stop()
+        sig.request_stop("SIGTERM")  # another signal first: a Ctrl-C after it is still a first Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert sig.stop_reason() == "SIGINT"
+        assert "press Ctrl-C again to exit at once" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # interrupted by the handler
+    finally:
+        sig.restore_handlers(previous)
+        sig.clear_stop()
 
 
 def test_request_stop_and_exit_codes():
@@ -28,6 +48,7 @@ def test_request_stop_and_exit_codes():
     assert sig.stop_requested() and sig.stop_reason() == "preempted by test"
     sig.clear_stop()
     assert (sig.EXIT_OK, sig.EXIT_CONFIG, sig.EXIT_NONFINITE, sig.EXIT_PREEMPTED) == (0, 64, 65, 75)
+    assert (sig.EXIT_RESUME_REFUSED, sig.EXIT_LOCKED, sig.EXIT_WRITE_FAILED, sig.EXIT_INTERRUPTED) == (64, 73, 74, 130)
 
 
 def _fork_child(blocked: bool) -> int:

@@ -4,7 +4,7 @@ In the spirit of Detectron2's ``HookBase``: :class:`pretrain.engine.trainer.Trai
 step and calls each hook at fixed points; a hook reads the trainer's state (``trainer.step``,
 ``trainer.row``, ``trainer.batch``, ...) and may ask it to stop (``trainer.exit_status``). Hooks run in
 list order at every point; :func:`default_hooks` gives the order the loop relies on (stop requests
-before checkpoints, so a stop is saved at its own step).
+before checkpoints, so a stop is saved at its own step; the step's metrics row before its checkpoint).
 """
 from __future__ import annotations
 
@@ -247,11 +247,15 @@ class ProgressBar(HookBase):
 def default_hooks(trainer: Trainer) -> list[HookBase]:
     """The production hooks for ``trainer``'s config, in the order the loop relies on."""
     cfg, is_main = trainer.cfg, trainer.env.is_main
-    hooks: list[HookBase] = [StopOnRequest(), PeriodicCheckpoint(cfg.train.checkpoint_every_steps,
-                                                                 cfg.train.keep_last)]
+    hooks: list[HookBase] = [StopOnRequest()]
+    if is_main:
+        # metrics.jsonl before the checkpoint: a kill -9 right after a checkpoint must not lose the rows of
+        # the steps it covers (a resume never redoes them)
+        hooks.append(MetricsLog(trainer.run_dir / "metrics.jsonl"))
+    hooks.append(PeriodicCheckpoint(cfg.train.checkpoint_every_steps, cfg.train.keep_last))
     if is_main:
         tb = TBWriter(trainer.run_dir / "tb" if cfg.log.tensorboard else None)
-        hooks += [MetricsLog(trainer.run_dir / "metrics.jsonl"), ScalarsAndText(tb, cfg.log.every_steps)]
+        hooks.append(ScalarsAndText(tb, cfg.log.every_steps))
         if cfg.log.image_every_steps:
             hooks.append(SlotPictures(tb, cfg.log.image_every_steps, cfg.log.num_images))
         if cfg.log.progress_bar:
