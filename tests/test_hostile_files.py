@@ -67,6 +67,10 @@ def write_hostile(path: Path, marker: Path, how: str, *, torch_format: bool) -> 
 
 
 def one_error_line(err: str) -> str:
+    # A logging handler of a third-party logger writing to an already-closed stream at interpreter exit
+    # prints a "--- Logging error ---" block (logging.Handler.handleError); it is not the entry point's output.
+    if "--- Logging error ---" in err:
+        err = "\n".join(ln for ln in err.splitlines() if ln.startswith("python -m "))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
