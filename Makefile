@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` and `make test`.
 PY := .venv/bin/python
-.PHONY: setup setup-test demo test test-fast bench clean
+.PHONY: setup setup-test demo test test-fast bench gpu-check clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) tools/bench_all.py
+
+# Every CUDA-only path on one GPU (about 5 minutes); writes the GPU table into BENCHMARKS.md.
+gpu-check: setup
+	$(PY) tools/gpu_check.py --update-benchmarks
 
 clean:
 	rm -rf runs work_dirs .pytest_cache

@@ -11,6 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 
 CLUSTERS = ("slurm", "local", "debug")
+SRUN_ARGS = ("--kill-on-bad-exit=1",)  # submitit's srun line of every job (see executor_kwargs)
 
 
 @dataclass
@@ -89,6 +90,9 @@ def executor_kwargs(r: Resources) -> dict:
     if r.dependency:
         additional["dependency"] = r.dependency
     kw["slurm_additional_parameters"] = additional
+    # One task that exits with an error (a crash, an OOM kill) ends every task of the step at once:
+    # without it the others wait in their next collective until the process-group timeout.
+    kw["slurm_srun_args"] = list(SRUN_ARGS)
     return kw
 
 

@@ -25,6 +25,9 @@ SECTIONS = [
     ("Two-rank DDP vs one rank (same per-rank batch) and peak memory per image", "bench/ddp_memory.md",
      ["tools/bench_ddp_memory.py", "--out", "bench/ddp_memory.md"],
      ["tools/bench_ddp_memory.py", "--steps", "2", "--warmup", "1", "--batch", "4", "--out", "bench/ddp_memory.md"]),
+    ("LARS step: per-parameter loop vs `torch._foreach_*`", "bench/lars.md",
+     ["tools/bench_lars.py", "--out", "bench/lars.md"],
+     ["tools/bench_lars.py", "--steps", "1", "--repeats", "1", "--out", "bench/lars.md"]),
 ]
 
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         # Each table file may start with its own '# title'; the section heading replaces it.
         body = "\n".join(line for line in body.splitlines() if not line.startswith("# "))
         parts += [f"## {title}", "", body.strip(), ""]
+    # Written by `make gpu-check` on a GPU machine (tools/gpu_check.py), not by this script.
+    gpu = ROOT / "bench" / "gpu_check.md"
+    parts += ["## Training throughput on one GPU (`make gpu-check`)", "",
+              gpu.read_text().strip() if gpu.exists() else "_not run yet_", ""]
     demo = ROOT / "bench" / "demo.md"
     parts += ["## The CPU demo's wall time", "", demo.read_text().strip() if demo.exists() else "_not run yet_", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))

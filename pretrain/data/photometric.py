@@ -20,6 +20,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.299, 0.587, 0.114)
+_HSV_N = (5.0, 3.0, 1.0)
 
 
 def sample_photometric(seed: int, epoch: int, indices: Sequence[int], view: int, *,
@@ -45,13 +46,37 @@ def sample_photometric(seed: int, epoch: int, indices: Sequence[int], view: int,
     }
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+def _const(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor of ``like``'s dtype and device without a host-to-device copy.
+
+    ``like.new_tensor(values)`` is a blocking copy (a host synchronisation) on an accelerator;
+    ``torch.full`` writes each value with a kernel instead, rounded exactly as ``new_tensor`` does.
+    """
+    if like.device.type == "cpu":
+        return like.new_tensor(values)
+    return torch.stack([torch.full((), float(v), dtype=like.dtype, device=like.device) for v in values])
 
 
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn, per sample) via RGB -> HSV -> RGB."""
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host synchronisation: pinned and non-blocking on CUDA."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _gray(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Luma ``(B,1,H,W)``; ``w`` the three weights on ``x``'s device (made here when omitted)."""
+    w = _const(_GRAY, x) if w is None else w
+    return (x * w.view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn, per sample) via RGB -> HSV -> RGB.
+
+    ``n``: the constants ``(5, 3, 1)`` of the HSV -> RGB formula on ``x``'s device (made here when omitted).
+    """
     r, g, b = x.unbind(1)
     maxc, _ = x.max(1)
     minc, _ = x.min(1)
@@ -65,21 +90,26 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB without branches: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     h6 = (hue * 6.0).unsqueeze(1)
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    n = (_const(_HSV_N, x) if n is None else n).view(1, 3, 1, 1)
     k = (n + h6) % 6.0
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
-def _color_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+def _color_op(x: torch.Tensor, op: int, f: torch.Tensor, consts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Colour-jitter op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-sample factors ``f``.
+
+    ``consts``: ``{"gray": (3,), "hsv_n": (3,)}`` on ``x``'s device (made per call when omitted).
+    """
+    consts = consts or {}
     fv = f.view(-1, 1, 1, 1)
     if op == 0:  # brightness
         return (x * fv).clamp(0, 1)
     if op == 1:  # contrast: blend with the mean grey level
-        m = _gray(x).mean((1, 2, 3), keepdim=True)
+        m = _gray(x, consts.get("gray")).mean((1, 2, 3), keepdim=True)
         return (fv * x + (1 - fv) * m).clamp(0, 1)
     if op == 2:  # saturation: blend with the grey image
-        return (fv * x + (1 - fv) * _gray(x)).clamp(0, 1)
-    return _adjust_hue(x, f)
+        return (fv * x + (1 - fv) * _gray(x, consts.get("gray"))).clamp(0, 1)
+    return _adjust_hue(x, f, consts.get("hsv_n"))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -90,7 +120,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     ker = torch.exp(-(r[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
     ker = ker / ker.sum(1, keepdim=True)  # (B, k)
     bsz, ch, h, w = x.shape
-    wk = ker.repeat_interleave(ch, 0)  # (B*C, k)
+    # each sample's kernel once per channel; repeat_interleave may read its output size back to the host
+    wk = ker[:, None, :].expand(bsz, ch, k).reshape(bsz * ch, k)  # (B*C, k)
     y = x.reshape(1, bsz * ch, h, w)
     pad = k // 2
     y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), wk[:, None, None, :], groups=bsz * ch)
@@ -98,38 +129,87 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(bsz, ch, h, w)
 
 
-def _where_apply(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """``fn`` on the selected samples only; no gather/scatter when all or none are selected
-    (always the case for the PIL path's batches of one)."""
-    n = int(sel.sum())
-    if n == 0:
-        return x
-    if n == x.shape[0]:
-        return fn(x, *args)
-    x = x.clone()
-    x[sel] = fn(x[sel], *(a[sel] for a in args))
-    return x
+def _solarize(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 128 / 255, 1.0 - x, x)
 
 
-def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Apply the sampled augmentations to ``x`` (float ``(B,3,S,S)`` in [0, 1]); returns [0, 1]."""
-    p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
-    jit = p["jitter"]
+def _plan(p: dict[str, torch.Tensor], bsz: int) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
+    """The augmentation stages of a batch, decided on the host from the host parameters ``p``.
+
+    Returns ``(stages, indices, args)``: each stage is ``(kind, op, (i0, i1) | None, (a0, a1) | None)``,
+    the slices of the flat int64 ``indices`` (the selected samples; None: all of them) and of the
+    flat float ``args`` (their factors or sigmas) it uses; stages that select no sample are left out.
+    """
+    jit, order, factors = p["jitter"].bool(), p["order"].long(), p["factors"]
+    selections: list[tuple[str, int, torch.Tensor, torch.Tensor | None]] = []
     if bool(jit.any()):
         for step in range(4):
             for op in range(4):
-                sel = jit & (p["order"][:, step] == op)
-                x = _where_apply(x, sel, lambda t, f, op=op: _color_op(t, op, f), p["factors"][:, op])
-    x = _where_apply(x, p["gray"], lambda t: _gray(t).expand(-1, 3, -1, -1).contiguous())
-    x = _where_apply(x, p["blur"], _gaussian_blur, p["sigma"])
-    if bool(p["solarize"].any()):
-        sel = p["solarize"].view(-1, 1, 1, 1)
-        x = torch.where(sel & (x >= 128 / 255), 1.0 - x, x)
+                selections.append(("color", op, jit & (order[:, step] == op), factors[:, op]))
+    selections.append(("gray", 0, p["gray"].bool(), None))
+    selections.append(("blur", 0, p["blur"].bool(), p["sigma"]))
+    selections.append(("solarize", 0, p["solarize"].bool(), None))
+    stages, idx_parts, arg_parts = [], [], []
+    n_idx = n_arg = 0
+    for kind, op, sel, arg in selections:
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        idx_span = arg_span = None
+        if n < bsz:
+            idx = sel.nonzero().squeeze(1)
+            idx_parts.append(idx)
+            idx_span = (n_idx, n_idx + n)
+            n_idx += n
+            if arg is not None:
+                arg = arg[idx]
+        if arg is not None:
+            arg_parts.append(arg)
+            arg_span = (n_arg, n_arg + arg.numel())
+            n_arg += arg.numel()
+        stages.append((kind, op, idx_span, arg_span))
+    indices = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.long)
+    args = torch.cat(arg_parts) if arg_parts else factors.new_zeros(0)
+    return stages, indices, args
+
+
+def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply the sampled augmentations to ``x`` (float ``(B,3,S,S)`` in [0, 1]); returns [0, 1].
+
+    ``p``: the host tensors of :func:`sample_photometric` (tensors on the device are read back
+    first, one synchronisation). Which samples each op touches is decided on the host; the selected
+    indices and their factors reach ``x``'s device in one non-blocking upload each, and the constants
+    are written there by kernels, so on a GPU the whole call never waits for the device. Each op
+    runs on the selected samples only (gathered and scattered back by index), or on the whole
+    batch when all are selected (always the case for the PIL path's batches of one).
+    """
+    host = {k: v.detach().cpu() for k, v in p.items()}
+    stages, indices, args = _plan(host, x.shape[0])
+    if not stages:
+        return x
+    dev = x.device
+    indices, args = _upload(indices, dev), _upload(args, dev)
+    consts = {"gray": _const(_GRAY, x), "hsv_n": _const(_HSV_N, x)}
+    for kind, op, idx_span, arg_span in stages:
+        arg = None if arg_span is None else args[arg_span[0]:arg_span[1]]
+        if kind == "color":
+            fn = lambda t, a=arg, op=op: _color_op(t, op, a, consts)  # noqa: E731
+        elif kind == "gray":
+            fn = lambda t: _gray(t, consts["gray"]).expand(-1, 3, -1, -1).contiguous()  # noqa: E731
+        elif kind == "blur":
+            fn = lambda t, a=arg: _gaussian_blur(t, a)  # noqa: E731
+        else:
+            fn = _solarize
+        if idx_span is None:
+            x = fn(x)
+        else:
+            idx = indices[idx_span[0]:idx_span[1]]
+            x = x.index_copy(0, idx, fn(x.index_select(0, idx)))
     return x
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of a [0, 1] batch."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """ImageNet normalisation of a [0, 1] batch (no host synchronisation on an accelerator)."""
+    mean = _const(IMAGENET_MEAN, x).view(1, 3, 1, 1)
+    std = _const(IMAGENET_STD, x).view(1, 3, 1, 1)
     return (x - mean) / std

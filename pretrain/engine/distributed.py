@@ -8,18 +8,38 @@ Environment read, in order of precedence:
   available) and ``MASTER_PORT`` is derived from the job id unless set.
 NCCL on GPU, gloo on CPU. SyncBN only where it can run (CUDA and world size > 1): it raises on
 CPU as soon as a process group exists (DESIGN.md).
+
+Each process uses one GPU of those it can see: ``LOCAL_RANK`` modulo the visible count, so a node
+whose tasks each see all its GPUs (torchrun, plain srun) and a cluster that gives each task only
+its own GPU (``--gpus-per-task=1``, ``CUDA_VISIBLE_DEVICES`` per task) both work.
+
+The process group's collectives time out after ``PRETRAIN_DIST_TIMEOUT_S`` seconds (environment,
+default :data:`DEFAULT_DIST_TIMEOUT_S` = 600): when one rank dies or hangs, the others raise
+instead of waiting forever in their next collective, and the job ends (under SLURM the launcher's
+``srun --kill-on-bad-exit=1`` then stops every task). Raise it for steps that legitimately keep
+ranks apart for longer (a first ``torch.compile`` on a slow node, a huge checkpoint on slow disks).
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger("pretrain")
+
+DIST_TIMEOUT_ENV = "PRETRAIN_DIST_TIMEOUT_S"
+# Long enough for the slowest legitimate wait between ranks (rank 0 writing a ResNet-50 checkpoint,
+# building a loader, compiling), short enough that a dead rank frees the allocation within minutes.
+DEFAULT_DIST_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -100,13 +120,47 @@ def export_slurm_env(environ: dict | None = None) -> None:
         env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
 
 
+def dist_timeout(environ: dict | None = None) -> timedelta:
+    """The process group's collective timeout: ``PRETRAIN_DIST_TIMEOUT_S`` seconds, else 600 s.
+
+    Raises:
+        ValueError: the variable is set but not a finite number of seconds > 0.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_DIST_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def cuda_ordinal(local_rank: int) -> int:
+    """The CUDA device index of this process among the GPUs it can see.
+
+    ``LOCAL_RANK`` numbers the tasks of a node, not the GPUs this process sees: where each task is
+    given only its own GPU, every task sees one device, index 0, whatever its local rank.
+    """
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise RuntimeError("CUDA is available but no CUDA device is visible (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % n
+
+
 def select_device(pref: str, local_rank: int) -> torch.device:
-    """``auto``: the local GPU when CUDA is available, else CPU."""
+    """``auto``: a visible GPU (:func:`cuda_ordinal`) when CUDA is available, else the CPU."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_ordinal(local_rank)
+        if index != local_rank:
+            log.info("local rank %d uses cuda:%d (%d visible GPU(s))", local_rank, index, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -123,7 +177,8 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
                 raise RuntimeError(f"distributed run (WORLD_SIZE={world}) without {key} in the environment")
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=dist_timeout(), **kwargs)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -160,5 +215,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["DistEnv", "expand_nodelist", "export_slurm_env", "select_device", "init_distributed", "cleanup",
-           "per_rank_batch", "maybe_sync_bn", "all_reduce", "barrier"]
+__all__ = ["DistEnv", "DIST_TIMEOUT_ENV", "DEFAULT_DIST_TIMEOUT_S", "expand_nodelist", "export_slurm_env",
+           "dist_timeout", "cuda_ordinal", "select_device", "init_distributed", "cleanup", "per_rank_batch",
+           "maybe_sync_bn", "all_reduce", "barrier"]

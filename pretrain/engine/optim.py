@@ -22,6 +22,11 @@ class LARS(torch.optim.Optimizer):
 
     Group options: ``lr``, ``weight_decay``, ``momentum``, ``eta``, ``lars`` (bool). Only
     primitives live in the groups, so ``state_dict()`` loads with ``torch.load(weights_only=True)``.
+
+    The update runs on whole parameter lists with ``torch._foreach_*`` ops (one fused kernel per op
+    on CUDA instead of about fourteen small kernels per parameter) and reads nothing back to the
+    host: the trust ratios stay a device vector. On the CPU it is bit-exact with the per-parameter
+    loop it replaces (``tests/test_lars_foreach.py`` keeps that loop as the reference).
     """
 
     def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0,
@@ -37,25 +42,36 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for g in self.param_groups:
+            # foreach kernels fuse only tensors of one device and dtype.
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if g["weight_decay"] != 0:
-                    d = d.add(p, alpha=g["weight_decay"])
-                if g["lars"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    d_norm = torch.linalg.vector_norm(d)
-                    one = torch.ones_like(w_norm)
-                    q = torch.where(w_norm > 0, torch.where(d_norm > 0, g["eta"] * w_norm / d_norm, one), one)
-                    d = d.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(d)
-                p.add_(mu, alpha=-g["lr"])
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._update(params, g)
         return loss
+
+    def _update(self, params: list[torch.Tensor], g: dict) -> None:
+        """``d = g + wd·w``; ``d <- d · η‖w‖/‖d‖`` (LARS groups; 1 where a norm is 0);
+        ``μ <- m·μ + d``; ``w <- w - lr·μ`` for parameters of one device and dtype."""
+        mus = []
+        for p in params:
+            state = self.state[p]
+            if "mu" not in state:
+                state["mu"] = torch.zeros_like(p)
+            mus.append(state["mu"])
+        d = [p.grad for p in params]
+        if g["weight_decay"] != 0:
+            d = torch._foreach_add(d, params, alpha=g["weight_decay"])
+        if g["lars"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            d_norm = torch.stack(torch._foreach_norm(d))
+            one = torch.ones_like(w_norm)
+            q = torch.where(w_norm > 0, torch.where(d_norm > 0, g["eta"] * w_norm / d_norm, one), one)
+            d = torch._foreach_mul(d, list(q.unbind(0)))  # out of place: never scale the .grad tensors
+        torch._foreach_mul_(mus, g["momentum"])
+        torch._foreach_add_(mus, d)
+        torch._foreach_add_(params, mus, alpha=-g["lr"])
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

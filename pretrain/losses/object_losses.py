@@ -54,7 +54,10 @@ def match_slots(x: Tensor, y: Tensor) -> Tensor:
     """
     if x.shape != y.shape or x.dim() != 3:
         raise ValueError(f"match_slots: expected two (B, S, D) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
-    sim = torch.einsum("bid,bjd->bij", F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1))
+    # float32 similarities: under autocast the einsum's bmm would round them to half precision,
+    # and near-ties of the matching would flip on rounding noise.
+    with torch.autocast(x.device.type, enabled=False):
+        sim = torch.einsum("bid,bjd->bij", F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1))
     return hungarian_match(sim)
 
 
@@ -88,20 +91,21 @@ def ctr_all_loss(
     """
     _check(q1, q2, k1, k2, perm12, perm21)
     b, s, _ = q1.shape
-    q = F.normalize(torch.stack([q1, q2]).float(), dim=-1).flatten(0, 2)  # (2BS, D)
-    k = F.normalize(torch.stack([k1, k2]).float(), dim=-1).flatten(0, 2)
-    n = q.shape[0]
-    offset = 0
-    if get_world_size() > 1:
-        rank = get_rank()
-        gathered = concat_all_gather(k.detach())
-        k = torch.cat([gathered[: rank * n], k, gathered[(rank + 1) * n :]])
-        offset = rank * n
-    logits = q @ k.t() / tau
-    own = torch.arange(n, device=q.device) + offset
-    logits = logits.scatter(1, own.unsqueeze(1), float("-inf"))  # (a, b, i) is not its own negative
-    target = _positives(perm12, perm21, b, s).flatten() + offset
-    loss = F.cross_entropy(logits, target, reduction="none").view(2, b, s)
+    with torch.autocast(q1.device.type, enabled=False):  # float32 logits (autocast would round q @ k.t())
+        q = F.normalize(torch.stack([q1, q2]).float(), dim=-1).flatten(0, 2)  # (2BS, D)
+        k = F.normalize(torch.stack([k1, k2]).float(), dim=-1).flatten(0, 2)
+        n = q.shape[0]
+        offset = 0
+        if get_world_size() > 1:
+            rank = get_rank()
+            gathered = concat_all_gather(k.detach())
+            k = torch.cat([gathered[: rank * n], k, gathered[(rank + 1) * n :]])
+            offset = rank * n
+        logits = q @ k.t() / tau
+        own = torch.arange(n, device=q.device) + offset
+        logits = logits.scatter(1, own.unsqueeze(1), float("-inf"))  # (a, b, i) is not its own negative
+        target = _positives(perm12, perm21, b, s).flatten() + offset
+        loss = F.cross_entropy(logits, target, reduction="none").view(2, b, s)
     return loss.mean() if reduction == "mean" else loss
 
 
@@ -116,13 +120,14 @@ def ctr_img_loss(
     """
     _check(q1, q2, k1, k2, perm12, perm21)
     b, s, _ = q1.shape
-    q = F.normalize(torch.stack([q1, q2], dim=1).float(), dim=-1).flatten(1, 2)  # (B, 2S, D)
-    k = F.normalize(torch.stack([k1, k2], dim=1).float(), dim=-1).flatten(1, 2)
-    logits = torch.bmm(q, k.transpose(1, 2)) / tau  # (B, 2S, 2S)
-    eye = torch.eye(2 * s, dtype=torch.bool, device=q.device)
-    logits = logits.masked_fill(eye, float("-inf"))
-    target = torch.cat([perm12 + s, perm21], dim=1)  # row (a, i) -> column (ā, σ_a(i))
-    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, 2, s)
+    with torch.autocast(q1.device.type, enabled=False):  # float32 logits (autocast would round the bmm)
+        q = F.normalize(torch.stack([q1, q2], dim=1).float(), dim=-1).flatten(1, 2)  # (B, 2S, D)
+        k = F.normalize(torch.stack([k1, k2], dim=1).float(), dim=-1).flatten(1, 2)
+        logits = torch.bmm(q, k.transpose(1, 2)) / tau  # (B, 2S, 2S)
+        eye = torch.eye(2 * s, dtype=torch.bool, device=q.device)
+        logits = logits.masked_fill(eye, float("-inf"))
+        target = torch.cat([perm12 + s, perm21], dim=1)  # row (a, i) -> column (ā, σ_a(i))
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, 2, s)
     loss = loss.transpose(0, 1)
     return loss.mean() if reduction == "mean" else loss
 
@@ -138,10 +143,11 @@ def cossim_loss(
     _check(q1, q2, k1, k2, perm12, perm21)
     t2 = torch.gather(k2.detach(), 1, perm12.unsqueeze(-1).expand(-1, -1, k2.shape[-1]))
     t1 = torch.gather(k1.detach(), 1, perm21.unsqueeze(-1).expand(-1, -1, k1.shape[-1]))
-    loss = -torch.stack([
-        F.cosine_similarity(q1.float(), t2.float(), dim=-1),
-        F.cosine_similarity(q2.float(), t1.float(), dim=-1),
-    ])
+    with torch.autocast(q1.device.type, enabled=False):  # float32 on every backend's autocast list
+        loss = -torch.stack([
+            F.cosine_similarity(q1.float(), t2.float(), dim=-1),
+            F.cosine_similarity(q2.float(), t1.float(), dim=-1),
+        ])
     return loss.mean() if reduction == "mean" else loss
 
 

@@ -72,7 +72,9 @@ def pixel_slot_cosine(pixels: Tensor, slots: Tensor, hw: tuple[int, int]) -> Ten
 
     Computed in float32 (a later softmax at SlotCon's temperatures of 0.07-0.1 amplifies errors).
     """
-    sim = torch.einsum("bnd,bsd->bsn", F.normalize(pixels.float(), dim=-1), F.normalize(slots.float(), dim=-1))
+    # autocast would run the einsum's bmm in half precision despite the .float() casts.
+    with torch.autocast(pixels.device.type, enabled=False):
+        sim = torch.einsum("bnd,bsd->bsn", F.normalize(pixels.float(), dim=-1), F.normalize(slots.float(), dim=-1))
     return sim.unflatten(2, hw)
 
 

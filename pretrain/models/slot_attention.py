@@ -119,15 +119,26 @@ class SlotAttention(GroupingModule):
         """
         b, s, d = slots.shape
         q = self.to_q(self.norm_slots(slots))
-        # float32 logits/softmax: under autocast the competition between slots is otherwise coarse.
-        logits = torch.einsum("bnd,bsd->bsn", k.float(), q.float()) * self.scale
-        attn = logits.softmax(dim=1)
-        weights = attn + self.eps
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        updates = torch.einsum("bsn,bnd->bsd", weights, v.float()).to(slots.dtype)
+        logits, attn, updates = self._attend(q, k, v)
+        # The GRU is a network layer: it takes the slots' dtype (autocast's choice), not float32.
+        updates = updates.to(slots.dtype)
         new = self.gru(updates.reshape(b * s, d), slots.reshape(b * s, d)).view(b, s, d)
         new = new + self.mlp(self.norm_mlp(new))
         return new, attn, logits
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Algorithm 1's attention in float32: ``logits = k·qᵀ/√D'`` ``(B, S, N)``, their softmax over
+        slots, and the updates, the ``eps``-offset weighted mean of the values ``(B, S, D')`` (None
+        without ``v``). Under autocast the competition between slots and the means would otherwise
+        be computed in half precision, whatever the inputs' dtype."""
+        with torch.autocast(k.device.type, enabled=False):
+            logits = torch.einsum("bnd,bsd->bsn", k.float(), q.float()) * self.scale
+            attn = logits.softmax(dim=1)
+            if v is None:
+                return logits, attn, None
+            weights = attn + self.eps
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, attn, torch.einsum("bsn,bnd->bsd", weights, v.float())
 
     def iterate(self, slots: Tensor, k: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
         """``iters`` applications of :meth:`step`; returns the last slots, attention and logits."""
@@ -135,8 +146,7 @@ class SlotAttention(GroupingModule):
         for _ in range(iters):
             slots, attn, logits = self.step(slots, k, v)
         if attn is None:  # T = 0: the readout of the initial slots
-            logits = torch.einsum("bnd,bsd->bsn", k.float(), self.to_q(self.norm_slots(slots)).float()) * self.scale
-            attn = logits.softmax(dim=1)
+            logits, attn, _ = self._attend(self.to_q(self.norm_slots(slots)), k, None)
         return slots, attn, logits
 
     def output(self, slots: Tensor, attn: Tensor, logits: Tensor, k: Tensor, hw: tuple[int, int]) -> GroupingOutput:

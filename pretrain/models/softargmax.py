@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grouping import GroupingModule, GroupingOutput, pixel_slot_cosine
@@ -66,10 +67,15 @@ class SoftArgmaxPooling(GroupingModule):
     def forward(self, feats: Tensor, noise: Tensor | None = None) -> GroupingOutput:
         """``feats (B, D, h, w)`` -> slots ``(B, K, D')`` with coordinates ``(B, K, 2)``."""
         self.check_input(feats)
-        logits = self.attn(feats).float()
-        maps = spatial_softmax(logits)  # Eq. 11
-        values = self.value(feats).float()
-        slots = torch.einsum("bkhw,bdhw->bkd", maps, values)  # Eq. 16
+        values = self.value(feats)
+        # float32 logits, pooling and coordinates: the logits are per-pixel similarities to K
+        # learnt vectors (a 1x1 convolution, like SlotCon's prototype similarity) that a softmax
+        # over pixels sharpens; autocast would compute both products in half precision.
+        with torch.autocast(feats.device.type, enabled=False):
+            logits = F.conv2d(feats.float(), self.attn.weight.float(), self.attn.bias.float())
+            maps = spatial_softmax(logits)  # Eq. 11
+            values = values.float()
+            slots = torch.einsum("bkhw,bdhw->bkd", maps, values)  # Eq. 16
         hw = tuple(feats.shape[-2:])
         return GroupingOutput(
             slots=slots,
