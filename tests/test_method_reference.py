@@ -137,8 +137,9 @@ def test_slotcon_reference_fails_with_a_wrong_positive_index(monkeypatch: pytest
     # The bug: each positive is looked up one image further on in the gathered teacher slots.
     real = slot_contrast_module.slot_infonce
 
-    def shifted(pred: Tensor, query_index: Tensor, teacher_all: Tensor, mask_all: Tensor, tau: float) -> Tensor:
-        return real(pred, (query_index + 8) % teacher_all.shape[0], teacher_all, mask_all, tau)
+    def shifted(pred: Tensor, query_index: Tensor, teacher_all: Tensor, mask_all: Tensor, tau: float,
+                num_keys: int | None = None) -> Tensor:
+        return real(pred, (query_index + 8) % teacher_all.shape[0], teacher_all, mask_all, tau, num_keys)
 
     monkeypatch.setattr(slot_contrast_module, "slot_infonce", shifted)
     value, ref, _ = _slotcon_value_and_reference()

@@ -49,6 +49,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import DataConfig
+from .device_copy import upload
 from .crops import HFLIP, N_PAIR, VFLIP, intersection_boxes, sample_crop_pair, sample_key
 from .loader_base import EpochCursor, LoaderBase
 from .two_view import RATIO, finish_views, finish_views_cpu
@@ -234,10 +235,12 @@ class FFCVPretrainLoader(LoaderBase):
         """Both views on an accelerator: uint8 crops to the device, flips and photometric
         augmentations batched there (photometric.py)."""
         dev = self.device
-        x = torch.from_numpy(raw).to(dev, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B,2,3,S,S)
+        # upload() copies out of FFCV's buffer before returning: FFCV may refill it for a later batch
+        # while this one is still on its way to the device.
+        x = upload(torch.from_numpy(raw), dev).permute(0, 1, 4, 2, 3)  # (B,2,3,S,S)
         views = []
         for v in (0, 1):
-            f = torch.from_numpy(flips[:, v]).to(dev).view(-1, 1, 1, 1)
+            f = upload(torch.from_numpy(np.ascontiguousarray(flips[:, v])), dev).view(-1, 1, 1, 1)
             xv = torch.where((f & HFLIP) > 0, x[:, v].flip(-1), x[:, v])
             xv = torch.where((f & VFLIP) > 0, xv.flip(-2), xv).contiguous()
             views.append(finish_views(xv, self.cfg, self.seed, self.epoch, requested, v))
@@ -256,9 +259,9 @@ class FFCVPretrainLoader(LoaderBase):
         b1, b2 = intersection_boxes(pairs)
         return {
             "view1": views[0], "view2": views[1],
-            "box1": torch.from_numpy(b1).to(dev), "box2": torch.from_numpy(b2).to(dev),
-            "flip1": flips[:, 0].to(dev), "flip2": flips[:, 1].to(dev),
-            "skipped": skipped.to(dev), "index": index.to(dev),
+            "box1": upload(torch.from_numpy(b1), dev), "box2": upload(torch.from_numpy(b2), dev),
+            "flip1": upload(flips[:, 0].contiguous(), dev), "flip2": upload(flips[:, 1].contiguous(), dev),
+            "skipped": upload(skipped, dev), "index": upload(index, dev),
         }
 
     def iter_from(self, step: int) -> Iterator[dict[str, torch.Tensor]]:

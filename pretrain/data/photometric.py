@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device_copy import upload
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.299, 0.587, 0.114)
@@ -55,15 +57,6 @@ def _const(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     if like.device.type == "cpu":
         return like.new_tensor(values)
     return torch.stack([torch.full((), float(v), dtype=like.dtype, device=like.device) for v in values])
-
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host synchronisation: pinned and non-blocking on CUDA."""
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def _gray(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,7 +181,7 @@ def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tens
     if not stages:
         return x
     dev = x.device
-    indices, args = _upload(indices, dev), _upload(args, dev)
+    indices, args = upload(indices, dev), upload(args, dev)
     consts = {"gray": _const(_GRAY, x), "hsv_n": _const(_HSV_N, x)}
     for kind, op, idx_span, arg_span in stages:
         arg = None if arg_span is None else args[arg_span[0]:arg_span[1]]

@@ -282,8 +282,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.method.update_teacher(momentum)  # recipe: EMA before the step's forward pass
 
-        skipped = batch["skipped"].sum() if "skipped" in batch else torch.zeros((), dtype=torch.long)
         self.batch = batch = _to_device(batch, env.device, tc.channels_last)
+        skipped = batch["skipped"].sum() if "skipped" in batch else torch.zeros((), device=env.device)
         with torch.autocast(env.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext():
             out = self.model(batch)
         terms, skipped_total, self.stop_agreed = self._agree(out, skipped)
@@ -307,8 +307,8 @@ class Trainer:
         env = self.env
         self.loss_names = list(out)
         vec = torch.stack([out[k].detach().float().reshape(()) for k in self.loss_names]
-                          + [skipped.to(env.device).float(),
-                             torch.tensor(1.0 if stop_requested() else 0.0, device=env.device)])
+                          # torch.full writes on the device; torch.tensor(x, device=) would be a blocking copy
+                          + [skipped.float(), torch.full((), 1.0 if stop_requested() else 0.0, device=env.device)])
         vals = all_reduce(vec).tolist()
         return {k: v / env.world_size for k, v in zip(self.loss_names, vals)}, vals[-2], vals[-1] > 0
 

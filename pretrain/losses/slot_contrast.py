@@ -29,6 +29,7 @@ def slot_infonce(
     teacher_all: Tensor,
     teacher_mask_all: Tensor,
     tau: float,
+    num_keys: int | None = None,
 ) -> Tensor:
     """InfoNCE of Eq. 6 for the selected student slots, summed (not averaged) over them.
 
@@ -36,15 +37,25 @@ def slot_infonce(
     ``(n,)`` the flat index of each one's positive in ``teacher_all`` (slot k of the same image in
     the other view, offset by this rank's position in the gather); ``teacher_all``: ``(M, D)``
     teacher slots of every image on every rank; ``teacher_mask_all``: ``(M,)`` their activity
-    (Eq. 5). Negatives are all active teacher slots. Returns the float32 sum of the n losses.
+    (Eq. 5); ``num_keys``: ``teacher_mask_all.sum()`` when the caller has it on the host already
+    (saves a device read). Negatives are all active teacher slots. Returns the float32 sum of the n losses.
     """
-    keys_idx = teacher_mask_all.nonzero().squeeze(1)
+    keys_idx = _true_indices(teacher_mask_all, num_keys)
     # The position of each positive among the active keys.
     labels = teacher_mask_all.long().cumsum(0)[query_index] - 1
     with torch.autocast(pred.device.type, enabled=False):  # float32 logits and log-sum-exp
         keys = F.normalize(teacher_all.detach().float()[keys_idx], dim=1)
         logits = F.normalize(pred.float(), dim=1) @ keys.t() / tau
         return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _true_indices(mask: Tensor, count: int | None) -> Tensor:
+    """The indices of ``mask``'s True entries in order, like ``mask.nonzero()``; with ``count`` known
+    on the host, without the device read ``nonzero`` makes for its output size (a stable sort puts
+    the True entries first)."""
+    if count is None:
+        return mask.nonzero().squeeze(1)
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
 def _needs_two_samples(predictor: Callable[[Tensor], Tensor]) -> bool:
@@ -100,11 +111,15 @@ def slot_contrastive_loss(
     if teacher_slots.shape[:2] != (b, k) or student_mask.shape != (b, k) or teacher_mask.shape != (b, k):
         raise ValueError("slot_contrastive_loss: slots and masks must share (B, K)")
     selected = (student_mask & teacher_mask).flatten()
-    query = selected.nonzero().squeeze(1)
     if gathered is None:
         gathered = (concat_all_gather(teacher_slots.detach().flatten(0, 1)), concat_all_gather(teacher_mask.flatten()))
     teacher_all, teacher_mask_all = gathered
-    count = all_reduce_sum(torch.tensor(float(query.numel()), device=student_slots.device))
+    local = selected.sum()
+    count = all_reduce_sum(local.float())
+    # The loss's one device read: this rank's and all ranks' selected counts, and the active keys.
+    # The sizes of the index tensors below follow from it, so none of them reads the device again.
+    n_local, n_total, n_keys = (int(v) for v in torch.stack([local.float(), count,
+                                                              teacher_mask_all.sum().float()]).tolist())
     # Every rank runs the predictor every step, also with an empty selection: its BNs are SyncBN on
     # CUDA with several ranks, a collective in forward and backward, so a rank that skipped it would
     # leave the others waiting. Empty batches are valid there (SyncBN gathers a zero count from that
@@ -113,10 +128,11 @@ def slot_contrastive_loss(
     # Only decisions every rank takes alike may skip it: no query on any rank (the all-reduced
     # count; SyncBN would normalise with no samples at all), or a single query for a BN that sees
     # this rank's batch alone (no collective there; it cannot normalise one sample).
-    if float(count) == 0.0 or (query.numel() == 1 and _needs_two_samples(predictor)):
+    if n_total == 0 or (n_local == 1 and _needs_two_samples(predictor)):
         return _zero_touching(student_slots, predictor)
+    query = _true_indices(selected, n_local)
     pred = predictor(student_slots.flatten(0, 1)[query])
-    total = slot_infonce(pred, query + get_rank() * b * k, teacher_all, teacher_mask_all, tau)
+    total = slot_infonce(pred, query + get_rank() * b * k, teacher_all, teacher_mask_all, tau, num_keys=n_keys)
     return total * (get_world_size() / count.clamp(min=1.0)) * (2.0 * tau)
 
 
