@@ -1,4 +1,5 @@
-"""LARS on ``torch._foreach_*`` ops is bit-exact with the per-parameter loop it replaced (CPU).
+"""Both LARS implementations (``torch._foreach_*`` lists, per-parameter loop) are bit-exact with the
+previous per-parameter loop (CPU).
 
 ``LoopLARS`` below is that loop, kept verbatim as the reference. Both optimisers step identical
 copies of a network with identical gradients for several steps and changing learning rates;
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -83,10 +85,11 @@ def _set_grads(net: Net, step: int) -> None:
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.1 + step)
 
 
-def test_foreach_lars_is_bit_exact_with_the_loop() -> None:
+@pytest.mark.parametrize("foreach", [True, False, None])
+def test_lars_is_bit_exact_with_the_loop(foreach: bool | None) -> None:
     a = Net()
     b = copy.deepcopy(a)
-    new = LARS(_groups(a, 1e-2), lr=0.0, momentum=0.9, eta=1e-3)
+    new = LARS(_groups(a, 1e-2), lr=0.0, momentum=0.9, eta=1e-3, foreach=foreach)
     ref = LoopLARS(_groups(b, 1e-2), lr=0.0, momentum=0.9, eta=1e-3)
     for step in range(6):
         lr = 0.5 * (step + 1)
@@ -112,7 +115,10 @@ def test_foreach_lars_is_bit_exact_with_the_loop() -> None:
     assert new.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
 
 
-def test_foreach_lars_state_dict_round_trip_continues_identically() -> None:
+def test_lars_device_default_and_state_dict_round_trip_continue_identically(monkeypatch: pytest.MonkeyPatch) -> None:
+    lists: list[int] = []
+    real = LARS._update
+    monkeypatch.setattr(LARS, "_update", lambda self, params, g: (lists.append(len(params)), real(self, params, g)))
     a = Net()
     opt = LARS(_groups(a, 1e-3), lr=0.3, momentum=0.9)
     _set_grads(a, 0)
@@ -125,3 +131,8 @@ def test_foreach_lars_state_dict_round_trip_continues_identically() -> None:
         o.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+    assert lists == []  # CPU parameters: the per-parameter loop by default (faster there)
+    c = Net()
+    _set_grads(c, 0)
+    LARS(_groups(c, 1e-3), lr=0.3, foreach=True).step()
+    assert lists  # forced

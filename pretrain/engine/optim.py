@@ -23,17 +23,20 @@ class LARS(torch.optim.Optimizer):
     Group options: ``lr``, ``weight_decay``, ``momentum``, ``eta``, ``lars`` (bool). Only
     primitives live in the groups, so ``state_dict()`` loads with ``torch.load(weights_only=True)``.
 
-    The update runs on whole parameter lists with ``torch._foreach_*`` ops (one fused kernel per op
-    on CUDA instead of about fourteen small kernels per parameter) and reads nothing back to the
-    host: the trust ratios stay a device vector. On the CPU it is bit-exact with the per-parameter
-    loop it replaces (``tests/test_lars_foreach.py`` keeps that loop as the reference).
+    Two implementations of the same update, bit-exact with each other on the CPU
+    (``tests/test_lars_foreach.py``): ``torch._foreach_*`` ops on whole parameter lists, which on
+    CUDA launch one kernel per op instead of about fourteen small kernels per parameter and read
+    nothing back to the host (the trust ratios stay a device vector); and a loop over parameters,
+    faster on the CPU, where each parameter's temporaries stay in cache (``tools/bench_lars.py``:
+    BENCHMARKS.md). ``foreach=None`` picks by device: the lists on CUDA, the loop elsewhere.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0,
-                 momentum: float = 0.9, eta: float = 0.001, lars: bool = True) -> None:
+                 momentum: float = 0.9, eta: float = 0.001, lars: bool = True, *, foreach: bool | None = None) -> None:
         if lr < 0 or weight_decay < 0 or momentum < 0 or eta <= 0:
             raise ValueError(f"LARS: invalid lr={lr}, weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=lars))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer API
@@ -47,9 +50,28 @@ class LARS(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.grad is not None:
                     buckets.setdefault((p.device, p.dtype), []).append(p)
-            for params in buckets.values():
-                self._update(params, g)
+            for (device, _), params in buckets.items():
+                use_lists = device.type == "cuda" if self.foreach is None else self.foreach
+                (self._update if use_lists else self._update_each)(params, g)
         return loss
+
+    def _update_each(self, params: list[torch.Tensor], g: dict) -> None:
+        """:meth:`_update`, one parameter at a time."""
+        for p in params:
+            d = p.grad
+            if g["weight_decay"] != 0:
+                d = d.add(p, alpha=g["weight_decay"])
+            if g["lars"]:
+                w_norm = torch.linalg.vector_norm(p)
+                d_norm = torch.linalg.vector_norm(d)
+                one = torch.ones_like(w_norm)
+                q = torch.where(w_norm > 0, torch.where(d_norm > 0, g["eta"] * w_norm / d_norm, one), one)
+                d = d.mul(q)
+            state = self.state[p]
+            if "mu" not in state:
+                state["mu"] = torch.zeros_like(p)
+            state["mu"].mul_(g["momentum"]).add_(d)
+            p.add_(state["mu"], alpha=-g["lr"])
 
     def _update(self, params: list[torch.Tensor], g: dict) -> None:
         """``d = g + wd·w``; ``d <- d · η‖w‖/‖d‖`` (LARS groups; 1 where a norm is 0);
