@@ -30,8 +30,8 @@ Usage::
     python tools/gpu_check.py --only throughput,resume
     python tools/gpu_check.py --cpu-dry-run --out-dir /tmp/gc
 
-On a machine without this project's virtual environment (the lent GPU box: its own PyTorch with
-CUDA, no package registry, a 64 MiB carry limit): what pretraining imports beyond that image's
+On a machine without this project's virtual environment (an air-gapped GPU node with its own PyTorch
+with CUDA and no package registry, where a checkout travels with little room for more): what pretraining imports beyond that image's
 packages (numpy, scipy, Pillow, opencv, numba, PyYAML, tqdm are there) is ``omegaconf`` and its
 ``antlr4-python3-runtime``, both pure Python. Build them here, carry ``.whl`` and install there::
 
