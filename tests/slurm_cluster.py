@@ -26,11 +26,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pretrain.engine.distributed import free_port
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun", "sinfo")
 REQUIRE_ENV = "PRETRAIN_REQUIRE_SLURM"
@@ -38,12 +39,6 @@ REQUIRE_ENV = "PRETRAIN_REQUIRE_SLURM"
 
 class SlurmUnavailable(RuntimeError):
     """SLURM cannot be installed or started on this machine (the reason is the message)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -103,7 +98,7 @@ class SlurmCluster:
         lines = [
             "ClusterName=looptest",
             "SlurmctldHost=localhost",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
@@ -135,7 +130,7 @@ class SlurmCluster:
             "JobRequeue=1",
         ]
         for i, n in enumerate(names):
-            lines.append(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
                          f"CPUs={cpus} RealMemory=1000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP")
         return "\n".join(lines) + "\n"

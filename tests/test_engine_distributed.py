@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ from pretrain.engine.distributed import expand_nodelist, export_slurm_env, per_r
 from pretrain.engine.hooks import HookBase
 from pretrain.train import request_checkpoint_and_exit, run
 from tests._engine_common import make_toy, tiny_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pretrain.engine.distributed import free_port
 
 
 def bn_eval(method: nn.Module) -> None:
@@ -71,7 +65,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str
 
 
 def _spawn(overrides: list[str], out_dir: Path, frozen_bn: bool, stop_rank1_at: int = -1) -> list[dict]:
-    mp.spawn(_worker, args=(2, _free_port(), overrides, str(out_dir), frozen_bn, stop_rank1_at), nprocs=2,
+    mp.spawn(_worker, args=(2, free_port(), overrides, str(out_dir), frozen_bn, stop_rank1_at), nprocs=2,
              join=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
 

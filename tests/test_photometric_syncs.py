@@ -16,68 +16,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pretrain.data.photometric import IMAGENET_MEAN, IMAGENET_STD, apply_photometric, normalize, sample_photometric
+from pretrain.data.photometric import (IMAGENET_MEAN, IMAGENET_STD, _color_op, _gaussian_blur, _gray, apply_photometric,
+                                      normalize, sample_photometric)
 
-_GRAY = (0.299, 0.587, 0.114)
 KW = dict(color_jitter=[0.4, 0.4, 0.2, 0.1], color_jitter_p=0.8, grayscale_p=0.2)
 
 
-# ---- the previous implementation, verbatim (names prefixed old_) -----------------------------------
-def old_gray(x: torch.Tensor) -> torch.Tensor:
-    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
-def old_adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn, per sample) via RGB -> HSV -> RGB."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    v = maxc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
-    dd = delta.clamp_min(1e-12)
-    rc, gc, bc = (maxc - r) / dd, (maxc - g) / dd, (maxc - b) / dd
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB without branches: channel n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    h6 = (hue * 6.0).unsqueeze(1)
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-    k = (n + h6) % 6.0
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-
-
-def old_color_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
-    fv = f.view(-1, 1, 1, 1)
-    if op == 0:  # brightness
-        return (x * fv).clamp(0, 1)
-    if op == 1:  # contrast: blend with the mean grey level
-        m = old_gray(x).mean((1, 2, 3), keepdim=True)
-        return (fv * x + (1 - fv) * m).clamp(0, 1)
-    if op == 2:  # saturation: blend with the grey image
-        return (fv * x + (1 - fv) * old_gray(x)).clamp(0, 1)
-    return old_adjust_hue(x, f)
-
-
-def old_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (grouped convolution, reflect padding)."""
-    size = x.shape[-1]
-    k = max(3, int(0.1 * size) // 2 * 2 + 1)  # 10% of the side, odd (23 at 224)
-    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    ker = torch.exp(-(r[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
-    ker = ker / ker.sum(1, keepdim=True)  # (B, k)
-    bsz, ch, h, w = x.shape
-    wk = ker.repeat_interleave(ch, 0)  # (B*C, k)
-    y = x.reshape(1, bsz * ch, h, w)
-    pad = k // 2
-    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), wk[:, None, None, :], groups=bsz * ch)
-    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), wk[:, None, :, None], groups=bsz * ch)
-    return y.reshape(bsz, ch, h, w)
-
-
+# ---- the previous implementation's selection and application, verbatim (names prefixed old_); ------
+# the per-op kernels are unchanged and taken from the module.
 def old_where_apply(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
     """``fn`` on the selected samples only; no gather/scatter when all or none are selected
     (always the case for the PIL path's batches of one)."""
@@ -99,9 +46,9 @@ def old_apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.
         for step in range(4):
             for op in range(4):
                 sel = jit & (p["order"][:, step] == op)
-                x = old_where_apply(x, sel, lambda t, f, op=op: old_color_op(t, op, f), p["factors"][:, op])
-    x = old_where_apply(x, p["gray"], lambda t: old_gray(t).expand(-1, 3, -1, -1).contiguous())
-    x = old_where_apply(x, p["blur"], old_gaussian_blur, p["sigma"])
+                x = old_where_apply(x, sel, lambda t, f, op=op: _color_op(t, op, f), p["factors"][:, op])
+    x = old_where_apply(x, p["gray"], lambda t: _gray(t).expand(-1, 3, -1, -1).contiguous())
+    x = old_where_apply(x, p["blur"], _gaussian_blur, p["sigma"])
     if bool(p["solarize"].any()):
         sel = p["solarize"].view(-1, 1, 1, 1)
         x = torch.where(sel & (x >= 128 / 255), 1.0 - x, x)

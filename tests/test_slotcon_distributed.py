@@ -7,7 +7,6 @@ global normalisation of the slot loss) must make the results identical.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from pretrain.losses import active_mask, concat_all_gather
 from pretrain.methods import ModelConfig, build_method
+from pretrain.engine.distributed import free_port
 
 B, S, WORLD = 3, 64, 2
 
@@ -90,16 +90,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process_with_double_batch(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = torch.load(tmp_path / "dist.pt", weights_only=True)
     # Premise: the ranks contrast different numbers of slots, so a plain per-rank mean would differ.
     assert res["counts"][0] != res["counts"][1], res["counts"]

@@ -14,7 +14,6 @@ gradients must equal one process with the two ranks' batches concatenated.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from pretrain.losses.slot_contrast import slot_contrastive_loss
 from pretrain.models.heads import Predictor
+from pretrain.engine.distributed import free_port
 
 B, K, D, H, WORLD = 3, 4, 8, 16, 2
 TAU = 0.2
@@ -158,14 +158,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_with_deadline(out_dir: Path) -> None:
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not ctx.join(timeout=1.0):
         alive = [p for p in ctx.processes if p.is_alive()]

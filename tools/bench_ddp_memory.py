@@ -26,6 +26,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.bench_common import write_table  # noqa: E402
+
 
 def _batch(b: int, s: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -113,10 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| 2 | {two:.3f} | {ips2:.1f} | {ips2 / ips1:.2f} | {mem2 / a.batch:.1f} |",
         "",
     ]
-    out = ROOT / a.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_table(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.bench_common import write_table  # noqa: E402
+
 from pretrain.engine.optim import LARS, param_groups  # noqa: E402
 
 
@@ -105,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| `torch._foreach_*` (`foreach=True`, the CUDA default) | {r['foreach'] * 1e3:.2f} | {r['loop'] / r['foreach']:.2f}x |",
         "",
     ]
-    out = ROOT / a.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_table(a.out, lines)
     return 0
 
 

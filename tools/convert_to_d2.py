@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transfer.checkpoint_io import RESNET_LAYOUT, CheckpointError, load_teacher_encoder_with_variant
+from transfer.checkpoint_io import RESNET_LAYOUT, CheckpointError, load_teacher_encoder_with_variant, refuse
 from transfer.detection.convert import summary, to_detectron2, write_d2_pickle
 
 DEPTHS = sorted(int(a[len("resnet"):]) for a in RESNET_LAYOUT)
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert(args.ckpt, args.out, args.depth))
     except CheckpointError as exc:
-        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return refuse(exc)
     return 0
 
 

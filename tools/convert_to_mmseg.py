@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transfer.checkpoint_io import CheckpointError  # noqa: E402
+from transfer.checkpoint_io import CheckpointError, refuse  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = convert(args.checkpoint, args.output, args.arch)
     except CheckpointError as exc:
-        print("convert_to_mmseg: refused: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return refuse(exc, "convert_to_mmseg: ")
     print(f"input      {s['source']}")
     print(f"arch       {s['arch']} (teacher encoder)")
     print(f"tensors    {s['tensors']} (every key of mmseg ResNet-{s['depth']}, verified; no fc, no extras)")

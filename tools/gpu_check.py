@@ -53,7 +53,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -502,12 +501,6 @@ def check_ffcv(ctx: Context) -> dict:
 
 
 # ---- 8. SyncBN on two GPUs ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return so.getsockname()[1]
-
-
 def _syncbn_worker(rank: int, port: int, ovr: list[str], out: str) -> None:
     import torch.distributed as dist
     from torch import nn
@@ -558,7 +551,9 @@ def check_syncbn(ctx: Context) -> dict:
                     amp="bf16" if torch.cuda.is_bf16_supported() else "fp16")
     out = ctx.work / "syncbn"
     out.mkdir(exist_ok=True)
-    mp.spawn(_syncbn_worker, args=(_free_port(), ovr, str(out)), nprocs=2, join=True)
+    from pretrain.engine.distributed import free_port
+
+    mp.spawn(_syncbn_worker, args=(free_port(), ovr, str(out)), nprocs=2, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     if any(r["train_steps"] != 3 for r in ranks):
         raise AssertionError(f"two-GPU run: {ranks}")

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from pretrain.eval.datasets import load_rgb, resize_crop  # noqa: E402
 from pretrain.eval.inference import assign_batch, default_device, load_method  # noqa: E402
 from pretrain.eval.visualize import denormalize, overlay_assignments, save_png  # noqa: E402
-from transfer.checkpoint_io import CheckpointError  # noqa: E402
+from transfer.checkpoint_io import CheckpointError, refuse  # noqa: E402
 
 
 def visualize(checkpoint: str | Path, images: list[str | Path], out: str | Path, size: int | None = 320,
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = visualize(a.checkpoint, a.images, a.out, a.size or None,
                           torch.device(a.device) if a.device else None, a.random_init, a.alpha, not a.overlay_only)
     except CheckpointError as exc:
-        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return refuse(exc)
     print(f"wrote {len(paths)} picture(s) to {a.out}")
     return 0
 

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +54,18 @@ RESNET_LAYOUT: dict[str, tuple[tuple[int, int, int, int], bool]] = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and the reason."""
+
+
+EXIT_REFUSED = 2
+
+
+def refuse(exc: Exception, prefix: str = "") -> int:
+    """Report a refused file the way every entry point does: one ``refused: <reason>`` line on stderr.
+
+    Returns the exit status for it, :data:`EXIT_REFUSED`.
+    """
+    print(f"{prefix}refused: " + " ".join(str(exc).split()), file=sys.stderr)
+    return EXIT_REFUSED
 
 
 def depth_of(arch: str) -> int:

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -118,6 +119,13 @@ def export_slurm_env(environ: dict | None = None) -> None:
         env["MASTER_ADDR"] = _node_addr(expand_nodelist(nodelist)[0])
     if "MASTER_PORT" not in env:
         env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a single-node rendezvous (local multi-process runs, tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def dist_timeout(environ: dict | None = None) -> timedelta:
@@ -216,5 +224,5 @@ def barrier() -> None:
 
 
 __all__ = ["DistEnv", "DIST_TIMEOUT_ENV", "DEFAULT_DIST_TIMEOUT_S", "expand_nodelist", "export_slurm_env",
-           "dist_timeout", "cuda_ordinal", "select_device", "init_distributed", "cleanup", "per_rank_batch",
+           "free_port", "dist_timeout", "cuda_ordinal", "select_device", "init_distributed", "cleanup", "per_rank_batch",
            "maybe_sync_bn", "all_reduce", "barrier"]

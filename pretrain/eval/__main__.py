@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from transfer.checkpoint_io import CheckpointError
+from transfer.checkpoint_io import CheckpointError, refuse
 
 from .inference import default_device, load_method, resolve_checkpoint
 
@@ -164,8 +164,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except CheckpointError as exc:
-        print("refused: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return refuse(exc)
     return 0
 
 
