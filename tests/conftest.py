@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,16 @@ def slurm(slurm_cluster):
     """The session cluster, with every job cancelled after the test (leftovers must not block the next)."""
     yield slurm_cluster
     slurm_cluster.cancel_all()
+
+
+@pytest.fixture(scope="module")
+def r18_pkl(tmp_path_factory) -> Path:
+    """A real method state dict (ResNet-18, no training) converted for Detectron2: enough for refusal and
+    plumbing tests, fast."""
+    from tests.test_convert_d2 import make_method_checkpoint
+    from tools.convert_to_d2 import main as d2_convert
+
+    d = tmp_path_factory.mktemp("w")
+    make_method_checkpoint(d / "ckpt.pth", "resnet18")
+    assert d2_convert([str(d / "ckpt.pth"), str(d / "r18.pkl")]) == 0
+    return d / "r18.pkl"

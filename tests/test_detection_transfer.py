@@ -17,7 +17,6 @@ import torch
 
 import transfer.detection.compat  # noqa: F401
 from pretrain.data.toy_scenes import make_toy_scenes
-from tests.test_convert_d2 import make_method_checkpoint
 from tests.test_detectron2_stack import coco_ap_from_results
 from tools.convert_to_d2 import main as convert_main
 from transfer.detection.convert import rename_key
@@ -46,15 +45,6 @@ def _pretrain_overrides(toy_root: Path, run_dir: Path) -> list[str]:
         "log.image_every_steps": 0, "log.progress_bar": False,
     }
     return [f"{k}={v}" for k, v in o.items()]
-
-
-@pytest.fixture(scope="module")
-def r18_pkl(tmp_path_factory) -> Path:
-    """A converted real method state dict (no training): enough for the refusal tests, fast."""
-    d = tmp_path_factory.mktemp("w")
-    make_method_checkpoint(d / "ckpt.pth", "resnet18")
-    assert convert_main([str(d / "ckpt.pth"), str(d / "r18.pkl")]) == 0
-    return d / "r18.pkl"
 
 
 @pytest.fixture(scope="module")

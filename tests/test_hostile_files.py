@@ -81,14 +81,6 @@ def toy(tmp_path_factory) -> Path:
     return make_toy_scenes(tmp_path_factory.mktemp("toy") / "toy", n_train=4, n_val=2, size=64, seed=0)
 
 
-@pytest.fixture(scope="module")
-def r18_pkl(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("w")
-    make_method_checkpoint(d / "ckpt.pth", "resnet18")
-    assert d2_convert([str(d / "ckpt.pth"), str(d / "r18.pkl")]) == 0
-    return d / "r18.pkl"
-
-
 # ----------------------------------------------------------------------------- the restricted unpickler
 
 @pytest.mark.parametrize("how", ["system", "open"])
