@@ -1,6 +1,8 @@
 """Shared helpers of the data tests: coordinate-encoding images and box checks."""
 from __future__ import annotations
 
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,13 @@ def check_views_against_source(batch: dict, pairs: np.ndarray | None = None, tol
             ex = (a[:, 0] - sx[:, None, :]).abs()[..., inner, inner]
             ey = (a[:, 1] - sy[:, :, None]).abs()[..., inner, inner]
             assert ex.median() < tol and ey.median() < tol, (ex.median(), ey.median())
+
+
+def run_visualize_slots(checkpoint: Path, images: list[Path], out: Path, monkeypatch) -> list[str]:
+    """``tools/visualize_slots.py CHECKPOINT IMAGES --out OUT`` as a user runs it, in this process (spares
+    an interpreter start); returns the names of the pictures it wrote."""
+    script = Path(__file__).resolve().parents[1] / "tools" / "visualize_slots.py"
+    argv = [str(script), str(checkpoint), *map(str, images), "--out", str(out), "--device", "cpu", "--size", "64"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(argv[0], run_name="__main__")
+    return sorted(p.name for p in out.glob("*.png"))

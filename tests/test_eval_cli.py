@@ -1,8 +1,6 @@
 """``python -m pretrain.eval`` end to end on a tiny SlotCon checkpoint (real config dict) and toy scenes;
 ``tools/visualize_slots.py`` on the same checkpoint; the overlay function's colours."""
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain.eval.__main__ as eval_cli
+from tests.data_helpers import run_visualize_slots
 from pretrain.config import load_config, to_dict
 from pretrain.data.toy_scenes import make_toy_scenes
 from pretrain.eval.__main__ import main
@@ -166,14 +165,7 @@ def test_cli_rejects_exported_backbone(tiny, tmp_path):
 def test_visualize_slots_tool(tiny, tmp_path, monkeypatch):
     toy, _, ckpt = tiny
     imgs = sorted((toy / "val2017").glob("*.jpg"))[:2]
-    out = tmp_path / "viz"
-    # run as a script (as a user would), in this process to spare a second interpreter start
-    argv = [str(ROOT / "tools/visualize_slots.py"), str(ckpt), *map(str, imgs), "--out", str(out),
-            "--device", "cpu", "--size", "64"]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(argv[0], run_name="__main__")
-    pngs = sorted(out.glob("*.png"))
-    assert [p.name for p in pngs] == [f"{p.stem}_slots.png" for p in imgs]
+    assert run_visualize_slots(ckpt, imgs, tmp_path / "viz", monkeypatch) == [f"{p.stem}_slots.png" for p in imgs]
 
 
 def test_overlay_colours_and_boundaries():

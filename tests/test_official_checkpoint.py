@@ -20,6 +20,7 @@ import transfer.segmentation  # noqa: F401  (compat before mmseg)
 from pretrain.data.toy_scenes import make_toy_scenes
 from pretrain.eval.__main__ import cli as eval_cli
 from pretrain.eval.inference import CheckpointRefused, load_method
+from tests.data_helpers import run_visualize_slots
 from tools.convert_to_d2 import main as d2_main
 from tools.convert_to_mmseg import main as mmseg_main
 from transfer.checkpoint_io import CheckpointError, load_teacher_encoder
@@ -243,12 +244,7 @@ def test_eval_builds_the_official_teacher(official, toy, tmp_path, monkeypatch, 
     assert res["pretrained"]["pacc"] == pytest.approx(direct["pacc"], abs=1e-9)
 
     imgs = sorted((toy / "val2017").glob("*.jpg"))[:1]
-    viz = tmp_path / "viz"
-    argv = [str(ROOT / "tools/visualize_slots.py"), str(path), *map(str, imgs), "--out", str(viz),
-            "--device", "cpu", "--size", "64"]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(argv[0], run_name="__main__")
-    assert [p.name for p in viz.glob("*.png")] == [f"{imgs[0].stem}_slots.png"]
+    assert run_visualize_slots(path, imgs, tmp_path / "viz", monkeypatch) == [f"{imgs[0].stem}_slots.png"]
 
 
 def test_eval_tools_refuse_with_exit_2(official, toy, tmp_path, monkeypatch, capsys):
