@@ -106,7 +106,10 @@ class LogConfig:
     image_every_steps: int = 500  # slot-assignment pictures; 0 disables
     num_images: int = 4
     tensorboard: bool = True
-    progress_bar: bool = True
+    # auto: a bar only when stdout is a terminal; in a file (a SLURM log) its carriage returns would
+    # pile up, and the every_steps log lines say the same. true/false force it. A string, not a bool:
+    # OmegaConf stores YAML's true/false here as "True"/"False".
+    progress_bar: str = "auto"
 
 
 @dataclass
@@ -149,9 +152,12 @@ TRAIN_RULES: dict[str, Rule] = {
             for k in v)),
 }
 
+PROGRESS_BAR_CHOICES = ("auto", "true", "false")
+
 LOG_RULES: dict[str, Rule] = {
     "every_steps": NON_NEGATIVE,
     "image_every_steps": NON_NEGATIVE,  # 0 disables the pictures
+    "progress_bar": Rule("one of auto, true, false", lambda v: str(v).lower() in PROGRESS_BAR_CHOICES),
 }
 
 
@@ -343,5 +349,5 @@ def save_config(cfg: PretrainConfig, path: str | Path) -> None:
 
 
 __all__ = ["ConfigError", "OptimName", "Device", "Amp", "OptimConfig", "TrainConfig", "LogConfig", "PretrainConfig",
-           "OPTIM_RULES", "TRAIN_RULES", "LOG_RULES", "problems", "validate", "load_config", "save_config", "to_dict",
+           "OPTIM_RULES", "TRAIN_RULES", "LOG_RULES", "PROGRESS_BAR_CHOICES", "problems", "validate", "load_config", "save_config", "to_dict",
            "to_yaml"]

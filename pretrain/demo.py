@@ -49,6 +49,13 @@ def _run(cmd: list[str], log: Path, timings: dict[str, float], name: str) -> Non
         raise SystemExit(f"demo: step '{name}' failed with exit code {rc}; its output is in {log}")
 
 
+def _progress_bar_override(stream=None) -> list[str]:
+    """``log.progress_bar=true`` when the demo's own stdout is a terminal: the child's stdout is the pipe
+    that :func:`_run` relays, so its ``auto`` would turn the bar off."""
+    stream = sys.stdout if stream is None else stream
+    return ["log.progress_bar=true"] if stream.isatty() else []
+
+
 def _run_pair(cmds: dict[str, list[str]], logs: dict[str, Path], timings: dict[str, float], name: str) -> None:
     """Run two steps side by side with one thread each (outputs go to their logs); stop if either fails."""
     for tag, cmd in cmds.items():
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. pretraining (auto-resume makes a re-run continue instead of starting over)
     run_dir = out / f"pretrain_seed{args.seed}"
     _run([py, "-m", "pretrain", "configs/pretrain/demo_cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
-          f"train.seed={args.seed}", *args.overrides], logs / "pretrain.log", timings, "pretrain")
+          f"train.seed={args.seed}", *_progress_bar_override(), *args.overrides], logs / "pretrain.log", timings,
+         "pretrain")
     # 3. unsupervised segmentation, pretrained vs random init
     unsup_json = out / "unsup_seg.json"
     _run([py, "-m", "pretrain.eval", "unsup_seg", str(run_dir), str(data), "--compare-random", "--out", str(unsup_json)],

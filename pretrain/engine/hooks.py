@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -244,6 +245,22 @@ class ProgressBar(HookBase):
             self.bar = None
 
 
+def progress_bar_on(setting: str | bool, stream: TextIO | None = None) -> bool:
+    """``log.progress_bar``: ``true``/``false`` as given; ``auto`` only when ``stream`` is a terminal
+    (default: stderr, where tqdm draws the bar).
+
+    A bar redraws itself with carriage returns, which a SLURM output file keeps, one per refresh.
+    """
+    value = str(setting).lower()
+    if value != "auto":
+        return value == "true"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def default_hooks(trainer: Trainer) -> list[HookBase]:
     """The production hooks for ``trainer``'s config, in the order the loop relies on."""
     cfg, is_main = trainer.cfg, trainer.env.is_main
@@ -258,10 +275,10 @@ def default_hooks(trainer: Trainer) -> list[HookBase]:
         hooks.append(ScalarsAndText(tb, cfg.log.every_steps))
         if cfg.log.image_every_steps:
             hooks.append(SlotPictures(tb, cfg.log.image_every_steps, cfg.log.num_images))
-        if cfg.log.progress_bar:
+        if progress_bar_on(cfg.log.progress_bar):
             hooks.append(ProgressBar())
     return hooks
 
 
 __all__ = ["HookBase", "StopOnRequest", "PeriodicCheckpoint", "MetricsLog", "ScalarsAndText", "SlotPictures",
-           "ProgressBar", "default_hooks"]
+           "ProgressBar", "progress_bar_on", "default_hooks"]
