@@ -13,7 +13,9 @@ Exit codes (``pretrain.engine.signals``):
   fit the model/optimiser, or a checkpoint whose config differs in a key that changes the run's
   trajectory (the message lists them; ``train.allow_config_change=[...]`` allows them);
 * 65: NaN/Inf in a loss term or in the weights about to be checkpointed; the checkpoints from that
-  step on are moved to ``checkpoints/quarantine/`` and the message names the one a rerun resumes from;
+  step on are moved to ``checkpoints/quarantine/`` and the message names the one a rerun resumes from.
+  Also: more undecodable images than ``data.max_bad_fraction`` on any rank (every rank stops at the
+  same step; the message of the rank that found them names examples);
 * 73: the run directory is locked by another run (the message names its host and pid);
 * 74: a checkpoint could not be written (disk full: the message gives the path and free bytes);
   the older checkpoints are intact;
@@ -31,12 +33,13 @@ import logging
 import sys
 
 from pretrain.config import ConfigError, PretrainConfig, load_config
+from pretrain.data.loader_base import TooManyBadImages
 from pretrain.engine.distributed import cleanup, init_distributed
 from pretrain.engine.checkpoint import CheckpointWriteError
 from pretrain.engine.hooks import HookBase
 from pretrain.engine.rundir import ResumeError, RunDirLocked
-from pretrain.engine.signals import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK,
-                                     EXIT_PREEMPTED, EXIT_RESUME_REFUSED, EXIT_WRITE_FAILED, clear_stop,
+from pretrain.engine.signals import (EXIT_BAD_DATA, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NONFINITE,
+                                     EXIT_OK, EXIT_PREEMPTED, EXIT_RESUME_REFUSED, EXIT_WRITE_FAILED, clear_stop,
                                      install_handlers, request_stop, restore_handlers)
 from pretrain.engine.trainer import NonFiniteError, TrainResult, fit
 
@@ -93,24 +96,41 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         result = run(cfg)
-    except NonFiniteError as e:
-        log.error("%s", e)
-        return EXIT_NONFINITE
-    except ResumeError as e:
-        log.error("%s", e)
-        return EXIT_RESUME_REFUSED
-    except RunDirLocked as e:
-        # stderr, not the logger: its file handler may still point at the holder's log.txt
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_LOCKED
-    except CheckpointWriteError as e:
-        log.error("%s", e)
-        return EXIT_WRITE_FAILED
-    except KeyboardInterrupt:
-        log.error("interrupted by a second Ctrl-C: stopped without a checkpoint of the current step; "
-                  "rerun the same command to resume from the last checkpoint")
-        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 - the documented errors become exit codes, the rest propagate
+        code = report_error(e)
+        if code is None:
+            raise
+        return code
     return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
 
 
-__all__ = ["main", "run", "request_checkpoint_and_exit", "parse_args"]
+def report_error(e: BaseException) -> int | None:
+    """Log the message of an error :func:`run` documents and return its exit code (``None``: not one of them,
+    a bug whose traceback the caller must show). Shared by :func:`main` and the SLURM job."""
+    if isinstance(e, NonFiniteError):
+        log.error("%s", e)
+        return EXIT_NONFINITE
+    if isinstance(e, TooManyBadImages):
+        log.error("%s", e)
+        return EXIT_BAD_DATA
+    if isinstance(e, ResumeError):
+        log.error("%s", e)
+        return EXIT_RESUME_REFUSED
+    if isinstance(e, ConfigError):
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(e, RunDirLocked):
+        # stderr, not the logger: its file handler may still point at the holder's log.txt
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    if isinstance(e, CheckpointWriteError):
+        log.error("%s", e)
+        return EXIT_WRITE_FAILED
+    if isinstance(e, KeyboardInterrupt):
+        log.error("interrupted by a second Ctrl-C: stopped without a checkpoint of the current step; "
+                  "rerun the same command to resume from the last checkpoint")
+        return EXIT_INTERRUPTED
+    return None
+
+
+__all__ = ["main", "run", "report_error", "request_checkpoint_and_exit", "parse_args"]

@@ -47,7 +47,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from pretrain.config import load_config
         from pretrain.engine.signals import EXIT_PREEMPTED
-        from pretrain.train import run
+        from pretrain.train import report_error, run
 
         env = submitit.JobEnvironment()
         dist_env = export_distributed_env()
@@ -55,8 +55,15 @@ class PretrainJob(submitit.helpers.Checkpointable):
         run_dir = self.run_dir_of(env)
         log.info("job %s rank %d/%d on %s: run dir %s (requeues so far: %d)", env.job_id, dist_env.rank,
                  dist_env.world_size, env.hostname, run_dir, self.requeues)
-        cfg = load_config(self.config, self.argv(run_dir)[1:])
-        result = run(cfg)  # raises on a non-finite loss: the job fails, the last good checkpoint stays
+        try:
+            result = run(load_config(self.config, self.argv(run_dir)[1:]))
+        except BaseException as e:  # noqa: BLE001 - documented errors: their message and exit code, not a traceback
+            code = report_error(e)
+            if code is None:
+                raise
+            # a non-zero task exit makes srun (--kill-on-bad-exit) end the other tasks at once
+            log.error("rank %d exits with code %d (%s)", dist_env.rank, code, type(e).__name__)
+            sys.exit(code)
         self._log_steps(run_dir, dist_env.rank, env.job_id, result)
         if result.status == "preempted":
             if preemption.STATE.requeue_signal:

@@ -250,6 +250,7 @@ class FFCVPretrainLoader(LoaderBase):
         dev = self.device
         index = torch.from_numpy(np.asarray(index).reshape(-1).copy())
         skipped = torch.from_numpy(np.asarray(skipped).reshape(-1).copy())
+        self.tracker.update(index, skipped)  # on the host copies: reading the uploaded ones back would sync
         pairs = np.asarray(pairs).copy()
         requested = ((index - skipped) % self.num_images).tolist()
         raw = np.asarray(crops)  # (B,2,S,S,3) uint8, FFCV's buffer: consumed before the next batch
@@ -275,7 +276,6 @@ class FFCVPretrainLoader(LoaderBase):
             for result in it:
                 r = dict(zip(self._outputs, result))
                 batch = self._batch(r["image"], r["pairs"], r["index"], r["skipped"])
-                self.tracker.update(batch["index"].cpu(), batch["skipped"].cpu())
                 yield batch
         finally:
             if self._live is it:

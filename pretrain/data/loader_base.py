@@ -64,17 +64,29 @@ class EpochCursor:
         return self.order.batches(self.epoch, self.start)
 
 
+class TooManyBadImages(RuntimeError):
+    """More distinct undecodable files than ``data.max_bad_fraction`` allows."""
+
+
 class BadImageTracker:
-    """Counts decode failures and stops the run when too many distinct files are undecodable."""
+    """Counts decode failures and stops the run when too many distinct files are undecodable.
+
+    Standalone it raises :class:`TooManyBadImages` from :meth:`update`. Under the trainer (``deferred``)
+    it only records :attr:`error`: a rank that raised alone would leave the others waiting in the step's
+    collectives, so the trainer agrees on the flag in its one all-reduce and every rank stops together.
+    """
 
     def __init__(self, n: int, name: Callable[[int], str], max_bad_fraction: float, per_rank: int):
         n = int(n)  # see EpochOrder
         self.n, self.name, self.max_bad_fraction, self.per_rank = n, name, max_bad_fraction, per_rank
         self.bad_images = 0
         self.bad_files: set[int] = set()
+        self.deferred = False
+        self.error: str | None = None
 
     def update(self, index: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Account a batch's ``skipped`` counts; raise ``RuntimeError`` past ``max_bad_fraction``."""
+        """Account a batch's ``skipped`` counts (host tensors); past ``max_bad_fraction`` record
+        :attr:`error`, and raise it unless :attr:`deferred`."""
         s = int(skipped.sum())
         if s == 0:
             return
@@ -83,11 +95,12 @@ class BadImageTracker:
         # a sample with `skipped = k` and source index u had u-1, ..., u-k fail
         for u, k in zip(index.tolist(), skipped.tolist()):
             self.bad_files.update((u - d) % n for d in range(1, k + 1))
-        if len(self.bad_files) > self.max_bad_fraction * self.per_rank:
+        if self.error is None and len(self.bad_files) > self.max_bad_fraction * self.per_rank:
             examples = ", ".join(self.name(i) for i in sorted(self.bad_files)[:5])
-            raise RuntimeError(
-                f"{len(self.bad_files)} undecodable images among the {self.per_rank} of this rank exceed "
-                f"data.max_bad_fraction={self.max_bad_fraction}; e.g. {examples}")
+            self.error = (f"{len(self.bad_files)} undecodable images among the {self.per_rank} of this rank exceed "
+                          f"data.max_bad_fraction={self.max_bad_fraction}; e.g. {examples}")
+        if self.error is not None and not self.deferred:
+            raise TooManyBadImages(self.error)
 
 
 class LoaderBase:
@@ -108,6 +121,15 @@ class LoaderBase:
         """Decode failures seen so far on this rank."""
         return self.tracker.bad_images
 
+    @property
+    def bad_image_error(self) -> str | None:
+        """Why this rank's undecodable images exceed ``data.max_bad_fraction`` (``None``: they do not)."""
+        return self.tracker.error
+
+    def defer_bad_image_error(self) -> None:
+        """Record the bad-image limit instead of raising it; the caller agrees on it across ranks."""
+        self.tracker.deferred = True
+
     def __len__(self) -> int:
         return len(self.order)
 
@@ -126,4 +148,4 @@ class LoaderBase:
         """Release workers or threads now (not at interpreter exit)."""
 
 
-__all__ = ["EpochOrder", "EpochCursor", "BadImageTracker", "LoaderBase"]
+__all__ = ["EpochOrder", "EpochCursor", "BadImageTracker", "TooManyBadImages", "LoaderBase"]

@@ -26,7 +26,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,7 +314,7 @@ FitCheck = Callable[[dict], "str | None"]
 
 
 def find_latest(ckpt_dir: str | Path, run_id: str | None = _AUTO,
-                check: FitCheck | None = None) -> tuple[Path, dict] | None:
+                check: FitCheck | None = None, skip: Collection[Path] = ()) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads, belongs to the run and passes ``check``; the others are skipped, loudly.
 
     Args:
@@ -323,10 +323,13 @@ def find_latest(ckpt_dir: str | Path, run_id: str | None = _AUTO,
             parent) where one is recorded; ``None`` accepts checkpoints of any run.
         check: called with each loaded checkpoint; a returned reason (architecture, missing teacher,
             NaN/Inf) skips it with a warning naming the file and the reason.
+        skip: files not to consider (another rank of the job cannot read them).
     """
     ckpt_dir = Path(ckpt_dir)
     run_id = _resolve_run_id(ckpt_dir, run_id)
     for path in list_checkpoints(ckpt_dir):
+        if path in skip:
+            continue
         try:
             state = load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, loudly

@@ -218,11 +218,20 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank (a picklable value such as a path; itself in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)  # NCCL: through the current CUDA device, set by select_device
+        return box[0]
+    return obj
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 __all__ = ["DistEnv", "DIST_TIMEOUT_ENV", "DEFAULT_DIST_TIMEOUT_S", "expand_nodelist", "export_slurm_env",
-           "free_port", "dist_timeout", "cuda_ordinal", "select_device", "init_distributed", "cleanup", "per_rank_batch",
-           "maybe_sync_bn", "all_reduce", "barrier"]
+           "free_port", "dist_timeout", "cuda_ordinal", "select_device", "init_distributed", "cleanup",
+           "per_rank_batch", "maybe_sync_bn", "all_reduce", "broadcast_object", "barrier"]

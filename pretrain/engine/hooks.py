@@ -187,12 +187,14 @@ class ScalarsAndText(HookBase):
         self.count += 1
         if self.every and step % self.every == 0:
             t_data, t_compute = t.timings
+            amp = {k: row[k] for k in ("amp_scale", "amp_skipped_steps") if k in row}  # fp16's GradScaler
             self.tb.scalars({**terms, "lr": row["lr"], "teacher_momentum": row["teacher_momentum"],
                              "images_per_s": t.cfg.optim.batch_size / max(t_data + t_compute, 1e-9),
                              "time_data_s": t_data, "time_compute_s": t_compute,
-                             "memory_mb": memory_mb(t.env.device)}, step)
-            log.info("epoch %d step %d/%d  %s  lr %.4g  m %.5f", row["epoch"], step, t.total_steps,
-                     "  ".join(f"{k} {v:.4f}" for k, v in terms.items()), row["lr"], row["teacher_momentum"])
+                             "memory_mb": memory_mb(t.env.device), **amp}, step)
+            log.info("epoch %d step %d/%d  %s  lr %.4g  m %.5f%s", row["epoch"], step, t.total_steps,
+                     "  ".join(f"{k} {v:.4f}" for k, v in terms.items()), row["lr"], row["teacher_momentum"],
+                     f"  scale {amp['amp_scale']:.3g} skipped {amp['amp_skipped_steps']}" if amp else "")
 
     def after_epoch(self) -> None:
         if not self.count:

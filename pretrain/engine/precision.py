@@ -7,10 +7,13 @@ machine and for hours on another; ``auto`` resolves per machine and the log says
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("pretrain")
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -52,4 +55,41 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-__all__ = ["AMP_CHOICES", "amp_dtype", "cpu_flags", "cpu_has_native_bf16", "resolve_amp"]
+class ScalerWatch:
+    """What fp16's GradScaler does to the run, which it otherwise does silently.
+
+    The scaler skips the optimizer step whose gradients hold an Inf/NaN and halves its scale;
+    ``update()`` lowers the scale exactly then, so a scale below the previous one marks a skipped
+    step. A run whose every step is skipped trains nothing while its loss curve looks alive:
+    after :attr:`STALL_STEPS` consecutive skipped steps it warns, once per such streak.
+    """
+
+    STALL_STEPS = 20
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.enabled = scaler.is_enabled()
+        self.skipped_total = 0
+        self.streak = 0
+        # the scale a resumed scaler starts from (read once the checkpoint's scaler state is loaded)
+        self.last_scale = scaler.get_scale() if self.enabled else 1.0
+
+    def after_update(self, step: int) -> dict[str, float]:
+        """Call after ``scaler.update()``; returns the values to log (none without the scaler)."""
+        if not self.enabled:
+            return {}
+        scale = self.scaler.get_scale()
+        if scale < self.last_scale:
+            self.skipped_total += 1
+            self.streak += 1
+            if self.streak == self.STALL_STEPS:
+                log.warning("fp16: %d consecutive optimizer steps skipped by the GradScaler (Inf/NaN gradients) up to "
+                            "step %d; the scale is down to %.3g. The weights are not being updated: lower the LR, "
+                            "enable optim.clip_grad, or use train.amp=bf16", self.streak, step, scale)
+        else:
+            self.streak = 0
+        self.last_scale = scale
+        return {"amp_scale": scale, "amp_skipped_steps": self.skipped_total}
+
+
+__all__ = ["ScalerWatch", "AMP_CHOICES", "amp_dtype", "cpu_flags", "cpu_has_native_bf16", "resolve_amp"]

@@ -22,6 +22,7 @@ EXIT_OK = 0  # training finished
 EXIT_CONFIG = 64  # EX_USAGE: bad config / command line
 EXIT_RESUME_REFUSED = 64  # also EX_USAGE: the checkpoint to resume does not fit the config / changes its trajectory
 EXIT_NONFINITE = 65  # EX_DATAERR: NaN/Inf; later checkpoints quarantined, the message names the resume point
+EXIT_BAD_DATA = 65  # also EX_DATAERR: more undecodable images than data.max_bad_fraction on some rank
 EXIT_LOCKED = 73  # EX_CANTCREAT: the run directory is locked by another run (the message names host and pid)
 EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written (disk full); older ones are intact
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; re-run to resume

@@ -32,13 +32,15 @@ from torch import Tensor, nn
 
 from pretrain.config import PretrainConfig, save_config, to_dict
 from pretrain.engine import checkpoint as ckpt_io
+from pretrain.data.loader_base import TooManyBadImages
 from pretrain.engine.checkpoint import NonFiniteError, NonFiniteStateError
-from pretrain.engine.distributed import DistEnv, all_reduce, barrier, maybe_sync_bn, per_rank_batch
+from pretrain.engine.distributed import (DistEnv, all_reduce, barrier, broadcast_object, maybe_sync_bn,
+                                        per_rank_batch)
 from pretrain.engine.rundir import ConfigChanges, ResumeError, RunDirLock, config_changes, prepare_run_dir
 from pretrain.engine.hooks import HookBase, default_hooks
 from pretrain.engine.logging import setup_text_log
 from pretrain.engine.optim import build_optimizer, set_lr
-from pretrain.engine.precision import amp_dtype as amp_dtype_of, resolve_amp
+from pretrain.engine.precision import ScalerWatch, amp_dtype as amp_dtype_of, resolve_amp
 from pretrain.engine.schedules import lr_at, momentum_at, peak_lr
 from pretrain.engine.signals import shield_workers, stop_requested
 
@@ -160,6 +162,7 @@ class Trainer:
         self.local_batch = per_rank_batch(oc.batch_size, env.world_size)
         self.loader = build_pretrain_loader(cfg.data, self.local_batch, rank=env.rank, world_size=env.world_size,
                                             seed=tc.seed, device=env.device, drop_last=True)
+        self.loader.defer_bad_image_error()  # agreed in the step's all-reduce (run_step)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data: fewer images than one global batch ({oc.batch_size}); lower optim.batch_size")
@@ -175,6 +178,7 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.resumed_from: Path | None = None
         self._resume()
+        self.scaler_watch = ScalerWatch(self.scaler)
         if env.is_main:  # only now: a refused resume must not overwrite the run's config.yaml
             save_config(cfg, self.run_dir / "config.yaml")
         self.model: nn.Module = self.method
@@ -218,6 +222,11 @@ class Trainer:
             if error is not None:
                 raise error
             raise ResumeError("another rank refused to resume; see its log")
+        if self.env.distributed:  # the same step on every rank, or none trains
+            step = torch.tensor([1, -1], device=self.env.device) * (int(found[1]["step"]) if found else 0)
+            hi, neg_lo = all_reduce(step, op="max").tolist()
+            if hi != -neg_lo:
+                raise ResumeError(f"the ranks would resume from different steps ({-neg_lo} to {hi})")
         if found is None:
             return
         path, state = found
@@ -235,14 +244,26 @@ class Trainer:
                  self.step_in_epoch)
 
     def _resume_source(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume, the same on every rank (``None``: start at step 0).
+
+        Each rank reading the folder itself could pick different files (a newest checkpoint that one
+        node cannot read yet), and the ranks would train from different weights. Rank 0 chooses, every
+        rank loads its choice, and a file that some rank cannot read or fit is skipped by all of them.
+        """
         mode = self.cfg.train.resume
         if mode == "none":  # a previous run was moved aside by prepare_run_dir
             return None
-        if mode == "auto":
-            return ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits)
-        path = Path(mode)
+        if mode != "auto":
+            found = self._explicit_resume(Path(mode))
+        elif not self.env.distributed:
+            found = ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits)
+        else:
+            found = self._agreed_latest()
+        return found
+
+    def _explicit_resume(self, path: Path) -> tuple[Path, dict]:
         if not path.is_file():
-            raise ResumeError(f"train.resume={mode}: no such checkpoint file")
+            raise ResumeError(f"train.resume={path}: no such checkpoint file")
         try:
             state = ckpt_io.load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any reason it does not load is the user's to see
@@ -251,6 +272,35 @@ class Trainer:
         if reason:
             raise ResumeError(f"train.resume={path} does not fit this run's model/optimiser: {reason}")
         return path, state
+
+    def _agreed_latest(self) -> tuple[Path, dict] | None:
+        """``train.resume=auto`` over several ranks: rank 0's newest good checkpoint that every rank can load."""
+        rejected: list[Path] = []
+        while True:
+            found = None
+            if self.env.is_main:
+                found = ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits, skip=rejected)
+            choice = broadcast_object(str(found[0]) if found else None)
+            if choice is None:
+                if rejected:
+                    raise ResumeError(f"no checkpoint in {self.ckpt_dir} loads on every rank (tried "
+                                      f"{', '.join(p.name for p in rejected)}); see the ranks' warnings")
+                return None
+            path = Path(choice)
+            problem = None
+            if not self.env.is_main:
+                try:
+                    found = path, ckpt_io.load_checkpoint(path)
+                    problem = self.fits(found[1])
+                except Exception as e:  # noqa: BLE001 - skipped on every rank, loudly
+                    problem = f"{type(e).__name__}: {e}"
+                if problem:
+                    log.warning("rank %d cannot resume %s (%s): every rank skips it", self.env.rank, path, problem)
+            if _all_ranks_ok(problem is None, self.env):
+                return found
+            if self.env.is_main:
+                log.warning("skipping checkpoint %s: another rank cannot load it (see its log)", path)
+            rejected.append(path)
 
     def _check_config(self, path: Path, state: dict) -> None:
         """Refuse a resume whose config changes the run's trajectory, unless train.allow_config_change says so."""
@@ -286,7 +336,10 @@ class Trainer:
         skipped = batch["skipped"].sum() if "skipped" in batch else torch.zeros((), device=env.device)
         with torch.autocast(env.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext():
             out = self.model(batch)
-        terms, skipped_total, self.stop_agreed = self._agree(out, skipped)
+        terms, skipped_total, self.stop_agreed, bad_ranks = self._agree(out, skipped)
+        if bad_ranks:  # every rank raises at the same step; none is left waiting in a collective
+            raise TooManyBadImages(self.loader.bad_image_error or f"{bad_ranks} other rank(s) found more undecodable "
+                                   "images than data.max_bad_fraction allows; their log names the files")
         for k, v in terms.items():
             if not math.isfinite(v):
                 raise NonFiniteLossError(self.step, k, v)
@@ -299,18 +352,21 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.row = {"step": self.step, "epoch": self.epoch, **terms, "lr": lr, "teacher_momentum": momentum,
-                    "skipped": skipped_total}
+                    "skipped": skipped_total, **self.scaler_watch.after_update(self.step)}
         return terms
 
-    def _agree(self, out: dict[str, Tensor], skipped: Tensor) -> tuple[dict[str, float], float, bool]:
-        """The step's one host sync: loss terms (rank mean), skipped images (sum) and any rank's stop request."""
+    def _agree(self, out: dict[str, Tensor], skipped: Tensor) -> tuple[dict[str, float], float, bool, int]:
+        """The step's one host sync: loss terms (rank mean), skipped images (sum), any rank's stop request
+        and how many ranks are past the bad-image limit."""
         env = self.env
         self.loss_names = list(out)
-        vec = torch.stack([out[k].detach().float().reshape(()) for k in self.loss_names]
+        flags = [1.0 if stop_requested() else 0.0, 1.0 if self.loader.bad_image_error else 0.0]
+        vec = torch.stack([out[k].detach().float().reshape(()) for k in self.loss_names] + [skipped.float()]
                           # torch.full writes on the device; torch.tensor(x, device=) would be a blocking copy
-                          + [skipped.float(), torch.full((), 1.0 if stop_requested() else 0.0, device=env.device)])
+                          + [torch.full((), f, device=env.device) for f in flags])
         vals = all_reduce(vec).tolist()
-        return {k: v / env.world_size for k, v in zip(self.loss_names, vals)}, vals[-2], vals[-1] > 0
+        return ({k: v / env.world_size for k, v in zip(self.loss_names, vals)}, vals[-3], vals[-2] > 0,
+                int(round(vals[-1])))
 
     def train(self) -> TrainResult:
         """Run the remaining steps; returns how it ended (``finished``, ``max_steps`` or ``preempted``)."""
@@ -441,4 +497,5 @@ def _all_ranks_ok(ok: bool, env: DistEnv) -> bool:
     return all_reduce(flag).item() == 0
 
 
-__all__ = ["NonFiniteError", "NonFiniteLossError", "NonFiniteStateError", "TrainResult", "Trainer", "resolve_run_dir", "seed_everything", "fit"]
+__all__ = ["NonFiniteError", "NonFiniteLossError", "NonFiniteStateError", "TrainResult", "Trainer", "resolve_run_dir",
+           "seed_everything", "fit"]
