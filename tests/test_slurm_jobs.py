@@ -209,3 +209,48 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, toy_root, tmp_pat
     for stop in stops:  # auto-resume found each preemption checkpoint
         assert f"checkpoints/ckpt_{stop:08d}.pth: step {stop}" in log
     assert "stop requested (SIGUSR2" in log and "stop requested (SIGTERM)" in log
+
+
+# --------------------------------------------------------------------------- a rank dies
+def _rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of a job's task ``rank`` (the loopback nodes run on this machine): the process whose
+    environment names the job and the rank and whose parent does not (data workers inherit both)."""
+    found: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (p / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in kv)
+            if "python" not in (p / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank):
+            found[int(p.name)] = ppid
+    roots = [pid for pid, ppid in found.items() if ppid not in found]
+    return roots[0] if len(roots) == 1 else None
+
+
+def test_killed_rank_ends_the_whole_job_promptly(slurm, toy_root, tmp_path):
+    """kill -9 of one rank (an OOM kill, a crashed node): srun's --kill-on-bad-exit ends the other task at
+    once, instead of it waiting in its next collective for the process group's timeout (600 s)."""
+    r = Resources(nodes=1, tasks_per_node=2, time_min=10, signal_delay_s=30)
+    pre = submit_pretrain(CONFIG, overrides(toy_root, epochs=200), r, output_root=tmp_path)  # ~minutes of work
+    job_id, run_dir = pre["job_id"], Path(pre["run_dir"])
+    metrics = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.is_file() and metrics.read_text().strip()):  # both ranks are training
+        assert time.time() - t0 < 300, f"no step logged: {slurm_state(job_id)}\n{logs_of(run_dir)}"
+        time.sleep(0.5)
+    pid = _rank_pid(job_id, 1)
+    assert pid is not None, f"rank 1 of job {job_id} not found among this machine's processes"
+    os.kill(pid, 9)
+    t_kill = time.time()
+    state = wait_final(job_id, 150)  # TimeoutError: the surviving rank kept the allocation
+    ended_s = time.time() - t_kill
+    print(f"\njob {job_id}: {state} {ended_s:.1f} s after kill -9 of rank 1")
+    assert state == "FAILED", logs_of(run_dir)
+    logs = logs_of(run_dir)
+    assert "task 1" in logs and ("Killed" in logs or "signal 9" in logs), logs
