@@ -89,7 +89,7 @@ class OnlineEval(HookBase):
         t0 = time.perf_counter()
         result, picture = evaluate_teacher(
             t.method, self.dataset, t.cfg.model.num_prototypes, batch_size=ev.batch_size, device=t.env.device,
-            amp=t.amp != "none", rank=t.env.rank, world_size=t.env.world_size, num_workers=ev.num_workers,
+            amp_dtype=t.amp_dtype, rank=t.env.rank, world_size=t.env.world_size, num_workers=ev.num_workers,
             picture_images=ev.num_images if t.env.is_main else 0)
         row = eval_row(t.epoch, t.step, str(self.split), result, time.perf_counter() - t0)
         if t.env.is_main:
