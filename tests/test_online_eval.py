@@ -144,6 +144,26 @@ def test_eval_is_a_free_key_on_resume():
     assert not c.refused and [k for k, _, _ in c.free] == ["eval.every_epochs"]
 
 
+def test_schedule_every_n_and_at_end_once_and_skipped_on_a_stop_request():
+    from types import SimpleNamespace
+
+    from pretrain.engine.eval_hook import OnlineEval
+
+    hook = OnlineEval(tb=None, write_row=None)
+    calls = []
+    hook.evaluate = lambda: calls.append(hook.trainer.epoch)
+    hook.trainer = t = SimpleNamespace(cfg=load_config(None, ["train.epochs=5", "optim.warmup_epochs=1",
+                                                              "eval.every_epochs=2", "eval.at_end=true",
+                                                              "data.root=/nonexistent/later"]),
+                                       epoch=0, exit_status=None)
+    for t.epoch in range(1, 6):
+        hook.after_epoch()
+    assert calls == [2, 4, 5]
+    t.epoch, t.exit_status = 4, "preempted"
+    hook.after_epoch()
+    assert calls == [2, 4, 5]
+
+
 # ----------------------------------------------------------------------------------- training runs
 
 @pytest.fixture(scope="module")
