@@ -188,8 +188,8 @@ def log_problems(lc: LogConfig) -> Iterator[Problem]:
 def _across_sections(cfg: PretrainConfig) -> Iterator[Problem]:
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         yield Problem("optim.warmup_epochs", cfg.optim.warmup_epochs, f"<= train.epochs ({cfg.train.epochs})")
-    # last: it reads data.root and train.epochs, which must be valid first
-    yield from eval_problems(cfg.eval, cfg.data, cfg.train.epochs)
+    # last: it reads data.root, which must be valid first
+    yield from eval_problems(cfg.eval, cfg.data)
 
 
 def problems(cfg: PretrainConfig) -> Iterator[Problem]:
