@@ -11,7 +11,8 @@ first broken rule is a :class:`ConfigError` naming the key, what it accepts and 
 so ``python -m pretrain`` exits 64 before it builds a model or a loader.
 
 Sections: ``data`` (:class:`pretrain.data.config.DataConfig`), ``model``
-(:class:`pretrain.methods.config.ModelConfig`), ``optim``, ``train`` and ``log`` (below).
+(:class:`pretrain.methods.config.ModelConfig`), ``optim``, ``train``, ``log`` (below) and ``eval``
+(:class:`pretrain.eval.config.EvalConfig`, the online evaluation).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pretrain.config_rules import (NON_EMPTY, NON_NEGATIVE, POSITIVE, Choice, Pr
 from pretrain.data.config import DataConfig, data_problems
 from pretrain.engine.precision import AMP_CHOICES
 from pretrain.engine.schedules import peak_lr
+from pretrain.eval.config import EvalConfig, eval_problems
 from pretrain.methods.config import ModelConfig, model_problems
 
 
@@ -122,6 +124,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 OPTIM_RULES: dict[str, Rule] = {
@@ -185,12 +188,15 @@ def log_problems(lc: LogConfig) -> Iterator[Problem]:
 def _across_sections(cfg: PretrainConfig) -> Iterator[Problem]:
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         yield Problem("optim.warmup_epochs", cfg.optim.warmup_epochs, f"<= train.epochs ({cfg.train.epochs})")
+    # last: it reads data.root, which must be valid first
+    yield from eval_problems(cfg.eval, cfg.data)
 
 
 def problems(cfg: PretrainConfig) -> Iterator[Problem]:
     """Every broken rule of a whole config, in order: non-finite floats anywhere, the run's name, the
-    sections ``data``, ``model``, ``optim``, ``train``, ``log``, then the rules that relate sections
-    (last, so that an error names the field that is out of range rather than its partner)."""
+    sections ``data``, ``model``, ``optim``, ``train``, ``log``, then the rules that relate sections, ``eval``'s
+    among them since its split lives under ``data.root`` (last, so that an error names the field that is out
+    of range rather than its partner)."""
     return chain(
         non_finite(cfg),
         check_fields(cfg, "", {"name": NON_EMPTY}),
@@ -303,7 +309,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_keys(tree, PretrainConfig, [])
         tree.setdefault("name", path.stem)
         cfg = _merge(cfg, tree, str(path))
-    dotlist: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -348,6 +353,6 @@ def save_config(cfg: PretrainConfig, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
-__all__ = ["ConfigError", "OptimName", "Device", "Amp", "OptimConfig", "TrainConfig", "LogConfig", "PretrainConfig",
+__all__ = ["ConfigError", "OptimName", "Device", "Amp", "OptimConfig", "TrainConfig", "LogConfig", "EvalConfig", "PretrainConfig",
            "OPTIM_RULES", "TRAIN_RULES", "LOG_RULES", "PROGRESS_BAR_CHOICES", "problems", "validate", "load_config", "save_config", "to_dict",
            "to_yaml"]

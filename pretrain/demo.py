@@ -3,7 +3,10 @@
 Steps, each one the command a user would type (printed before it runs):
 
 1. generate the toy scenes (``tools/make_toy_scenes.py``) if absent or written by an older renderer;
-2. pretrain SlotCon with ``configs/pretrain/demo_cpu.yaml`` (TensorBoard logs and slot pictures in the run dir);
+2. pretrain SlotCon with ``configs/pretrain/demo_cpu.yaml`` (TensorBoard logs and slot pictures in the run dir),
+   with the online evaluation of the held-out scenes every 5 epochs and at the end (:data:`DEMO_EVAL`);
+   then draw its curve, with the run's random initialisation as the baseline, into ``online_eval.png``
+   (``python -m pretrain.eval.curves RUN --random-init``);
 3. unsupervised segmentation of the held-out scenes, pretrained vs the same network at random init
    (``python -m pretrain.eval unsup_seg ... --compare-random``);
 4. slot pictures of a few held-out scenes (``tools/visualize_slots.py``);
@@ -29,6 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: The demo's online evaluation: the 64 held-out scenes after every 5th epoch and after the last
+#: (6 evaluations in 30 epochs; tools/bench_online_eval.py measures what they cost).
+DEMO_EVAL = ["eval.every_epochs=5", "eval.at_end=true"]
 
 
 def _run(cmd: list[str], log: Path, timings: dict[str, float], name: str) -> None:
@@ -115,12 +122,20 @@ def transfer_runs(py: str, data: Path, out: Path, weights: dict[str, tuple[Path,
 
 def _loss_start_end(run_dir: Path) -> tuple[float, float, int]:
     """Mean loss of the first and of the last epoch, read from the run's ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    from pretrain.engine.hooks import metrics_rows
+
+    rows = [r for r in metrics_rows(run_dir / "metrics.jsonl", "train") if "loss" in r and "step" in r]
     first_epoch, last_epoch = rows[0]["epoch"], rows[-1]["epoch"]
     first = [r["loss"] for r in rows if r["epoch"] == first_epoch]
     last = [r["loss"] for r in rows if r["epoch"] == last_epoch]
     return sum(first) / len(first), sum(last) / len(last), rows[-1]["step"] + 1
+
+
+def _online_eval_rows(run_dir: Path) -> dict[int, dict]:
+    """The run's online evaluation rows by epoch (the last row of an epoch wins)."""
+    from pretrain.eval.curves import eval_curve
+
+    return eval_curve(run_dir)
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
@@ -193,8 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     # 2. pretraining (auto-resume makes a re-run continue instead of starting over)
     run_dir = out / f"pretrain_seed{args.seed}"
     _run([py, "-m", "pretrain", "configs/pretrain/demo_cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
-          f"train.seed={args.seed}", *_progress_bar_override(), *args.overrides], logs / "pretrain.log", timings,
-         "pretrain")
+          f"train.seed={args.seed}", *DEMO_EVAL, *_progress_bar_override(), *args.overrides], logs / "pretrain.log",
+         timings, "pretrain")
+    # 2b. the online evaluation's curve (none when the run stopped before its first evaluation: train.max_steps)
+    curve_png = out / "online_eval.png"
+    curve_png.unlink(missing_ok=True)  # an earlier run's picture must not pass for this one's
+    online = _online_eval_rows(run_dir)
+    if online:
+        _run([py, "-m", "pretrain.eval.curves", str(run_dir), "--random-init", "--out", str(curve_png)],
+             logs / "online_eval_curve.log", timings, "online eval curve")
+    else:
+        print("\n==> [online eval curve] skipped: the run made no online evaluation (it stopped before epoch "
+              f"{DEMO_EVAL[0].split('=')[1]})", flush=True)
     # 3. unsupervised segmentation, pretrained vs random init
     unsup_json = out / "unsup_seg.json"
     _run([py, "-m", "pretrain.eval", "unsup_seg", str(run_dir), str(data), "--compare-random", "--out", str(unsup_json)],
@@ -229,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 7. summary
     loss0, loss1, steps = _loss_start_end(run_dir)
+    online_last = online[max(online)] if online else {}
+    online_random = (json.loads((out / "online_eval_random_init.json").read_text())
+                     if online and curve_png.is_file() else {})
     unsup = json.loads(unsup_json.read_text())
     tm = transfer_metrics(runs, ran=not args.skip_transfer)
     summary = {
@@ -241,17 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         "unsup_pacc_pretrained": unsup["pretrained"]["pacc"],
         "unsup_pacc_random": unsup["random_init"]["pacc"],
         **tm,
+        "online_eval_epochs": sorted(online),
+        "online_eval_last": {k: online_last.get(k) for k in ("miou", "pacc", "ari_fg", "mbo", "dead_prototypes",
+                                                             "entropy", "active_slots", "seconds")} if online else {},
+        "online_eval_random_init": online_random,
         "seconds": timings,
         "artefacts": {
             "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"), "slot_pictures": str(pictures),
             "unsup_seg": str(unsup_json), "d2_weights": str(d2_weights), "mmseg_weights": str(mmseg_weights),
             "transfer": str(out / "transfer"),
+            **({"online_eval_curve": str(curve_png)} if curve_png.is_file() else {}),
         },
     }
     rows = [
         ("pretrain loss (first -> last epoch)", f"{loss0:.3f} -> {loss1:.3f} ({steps} steps)"),
         ("unsup. seg. mIoU pretrained / random init", f"{_fmt(summary['unsup_miou_pretrained'])} / {_fmt(summary['unsup_miou_random'])}"),
         ("unsup. seg. pAcc pretrained / random init", f"{_fmt(summary['unsup_pacc_pretrained'])} / {_fmt(summary['unsup_pacc_random'])}"),
+        ("held-out mIoU / FG-ARI, online eval (last epoch | random init)",
+         f"{_fmt(online_last.get('miou'))} / {_fmt(online_last.get('ari_fg'))} | "
+         f"{_fmt(online_random.get('miou'))} / {_fmt(online_random.get('ari_fg'))}"
+         + (f" (curve: {curve_png})" if curve_png.is_file() else "")),
         *[(f"Mask R-CNN AP^b / AP^m, {mode} ({'backbone frozen' if mode == 'frozen' else 'fine-tuned'}): "
            "pretrained | random",
            f"{_fmt(tm[f'det_{mode}_pretrained_AP_b'])} / {_fmt(tm[f'det_{mode}_pretrained_AP_m'])} | "

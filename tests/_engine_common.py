@@ -1,7 +1,6 @@
 """Shared tiny settings for the engine tests (ResNet-18, 64 px, small heads, toy scenes)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -48,15 +47,15 @@ def launch(overrides: list[str]) -> subprocess.Popen:
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:
-    """Per-step metrics; the last row wins where a killed run logged steps that were later redone."""
-    rows: dict[int, dict] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by SIGKILL
-                    continue
-                rows[r["step"]] = r
-    return rows
+    """Per-step training metrics; the last row wins where a killed run logged steps that were later redone.
+    The online evaluation's rows (``"kind": "eval"``) are left out: :func:`read_eval_rows` has them."""
+    from pretrain.engine.hooks import metrics_rows
+
+    return {r["step"]: r for r in metrics_rows(run_dir / "metrics.jsonl", "train")}
+
+
+def read_eval_rows(run_dir: Path) -> dict[int, dict]:
+    """The online evaluation's rows by ``epoch`` (epochs completed); the last row of an epoch wins."""
+    from pretrain.engine.hooks import metrics_rows
+
+    return {r["epoch"]: r for r in metrics_rows(run_dir / "metrics.jsonl", "eval")}

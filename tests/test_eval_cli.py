@@ -152,6 +152,10 @@ def test_discovery_cli_known_answers(tiny, tmp_path, monkeypatch):
     assert r["num_images"] == 4 and r["num_images_without_objects"] == 0
     assert r["ari_fg"] == pytest.approx(50.0)
     assert r["miou_otsu"] == pytest.approx(50.0)
+    # mBO: exact groups overlap each object fully; one group for the whole image overlaps an object by its area
+    one_group = [float(torch.stack([(x == i).float().mean() for i in torch.unique(x[x > 0])]).mean()) for x in inst[2:]]
+    assert r["mbo"] == pytest.approx(100.0 * (2 + sum(one_group)) / 4)
+    assert json.loads((tmp_path / "d.json").read_text())["pretrained"]["mbo"] == pytest.approx(r["mbo"])
 
 
 def test_cli_rejects_exported_backbone(tiny, tmp_path):

@@ -28,6 +28,9 @@ SECTIONS = [
     ("LARS step: per-parameter loop vs `torch._foreach_*`", "bench/lars.md",
      ["tools/bench_lars.py", "--out", "bench/lars.md"],
      ["tools/bench_lars.py", "--steps", "1", "--repeats", "1", "--out", "bench/lars.md"]),
+    ("Online evaluation vs one epoch of the CPU demo", "bench/online_eval.md",
+     ["tools/bench_online_eval.py", "--epochs", "3", "--out", "bench/online_eval.md"],
+     ["tools/bench_online_eval.py", "--epochs", "1", "--out", "bench/online_eval.md"]),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Hooks of the training loop: checkpoints, stop requests, logs, TensorBoard, pictures, progress bar.
+"""Hooks of the training loop: checkpoints, stop requests, logs, TensorBoard, pictures, progress bar
+(and, in :mod:`pretrain.engine.eval_hook`, the online evaluation).
 
 In the spirit of Detectron2's ``HookBase``: :class:`pretrain.engine.trainer.Trainer` runs the recipe's
 step and calls each hook at fixed points; a hook reads the trainer's state (``trainer.step``,
@@ -147,7 +148,11 @@ class PeriodicCheckpoint(HookBase):
 
 
 class MetricsLog(HookBase):
-    """Rank 0: one JSON line per step in ``metrics.jsonl`` (losses, LR, momentum: plots and exact-resume checks)."""
+    """Rank 0: one JSON line per step in ``metrics.jsonl`` (losses, LR, momentum: plots and exact-resume checks).
+
+    Other hooks append their own rows through :meth:`write` (the online evaluation's, marked
+    ``"kind": "eval"``); :func:`metrics_rows` reads either kind back.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -158,6 +163,11 @@ class MetricsLog(HookBase):
 
     def after_step(self) -> None:
         self.f.write(json.dumps(self.trainer.row) + "\n")
+        self.f.flush()
+
+    def write(self, row: dict) -> None:
+        """Append one row of another kind; strict JSON (a NaN/Inf is an error: write ``None`` instead)."""
+        self.f.write(json.dumps(row, allow_nan=False) + "\n")
         self.f.flush()
 
     def after_train(self) -> None:
@@ -263,17 +273,43 @@ def progress_bar_on(setting: str | bool, stream: TextIO | None = None) -> bool:
         return False
 
 
+def metrics_rows(path: Path, kind: str = "train") -> list[dict]:
+    """The rows of one kind in a ``metrics.jsonl``: ``train`` (one per step, no ``kind`` key) or ``eval``
+    (the online evaluation's, ``"kind": "eval"``), in file order. A line cut by SIGKILL is skipped; where a
+    resumed run logged a step or an epoch again, both rows are returned (readers let the last one win)."""
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("kind", "train") == kind:
+            rows.append(r)
+    return rows
+
+
 def default_hooks(trainer: Trainer) -> list[HookBase]:
     """The production hooks for ``trainer``'s config, in the order the loop relies on."""
+    from pretrain.engine.eval_hook import OnlineEval  # it imports HookBase from here
+
     cfg, is_main = trainer.cfg, trainer.env.is_main
     hooks: list[HookBase] = [StopOnRequest()]
+    metrics = None
     if is_main:
         # metrics.jsonl before the checkpoint: a kill -9 right after a checkpoint must not lose the rows of
         # the steps it covers (a resume never redoes them)
-        hooks.append(MetricsLog(trainer.run_dir / "metrics.jsonl"))
+        metrics = MetricsLog(trainer.run_dir / "metrics.jsonl")
+        hooks.append(metrics)
+    tb = TBWriter(trainer.run_dir / "tb" if is_main and cfg.log.tensorboard else None)
+    if cfg.eval.enabled:  # every rank: each scores its shard; the epoch's eval row lands before its checkpoint
+        hooks.append(OnlineEval(tb, metrics.write if metrics is not None else None))
     hooks.append(PeriodicCheckpoint(cfg.train.checkpoint_every_steps, cfg.train.keep_last))
     if is_main:
-        tb = TBWriter(trainer.run_dir / "tb" if cfg.log.tensorboard else None)
         hooks.append(ScalarsAndText(tb, cfg.log.every_steps))
         if cfg.log.image_every_steps:
             hooks.append(SlotPictures(tb, cfg.log.image_every_steps, cfg.log.num_images))
@@ -283,4 +319,4 @@ def default_hooks(trainer: Trainer) -> list[HookBase]:
 
 
 __all__ = ["HookBase", "StopOnRequest", "PeriodicCheckpoint", "MetricsLog", "ScalarsAndText", "SlotPictures",
-           "ProgressBar", "progress_bar_on", "default_hooks"]
+           "ProgressBar", "progress_bar_on", "metrics_rows", "default_hooks"]

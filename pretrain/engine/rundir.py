@@ -46,7 +46,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "config.yaml", "teacher_bac
 #: Config keys (or whole sections) that may change between a checkpoint and its resume: they decide where
 #: and how the run executes, logs and checkpoints, not the sequence of weights it computes.
 FREE_KEYS = frozenset({
-    "name", "log",
+    "name", "log", "eval",
     "data.root", "data.ffcv_path", "data.num_workers", "data.max_bad_fraction",
     "train.max_steps", "train.device", "train.amp", "train.channels_last", "train.compile", "train.deterministic",
     "train.checkpoint_every_steps", "train.keep_last", "train.output_dir", "train.run_dir", "train.resume",

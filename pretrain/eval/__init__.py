@@ -1,5 +1,6 @@
 """Evaluation: unsupervised semantic segmentation (SlotCon Sec. 4.4), object discovery metrics
-(ARI-FG, Otsu-matched mIoU), prototype retrieval (Sec. 4.6) and slot pictures.
+(ARI-FG, Otsu-matched mIoU, mBO), prototype retrieval (Sec. 4.6), slot pictures, and the online
+evaluation during pretraining (``online``, its curve: ``python -m pretrain.eval.curves``).
 
 Command line: ``python -m pretrain.eval {unsup_seg|discovery|retrieval} CKPT DATA``. The names
 below are imported lazily, so ``pretrain.eval.visualize`` (used by the trainer) stays light.
@@ -18,6 +19,9 @@ _EXPORTS = {
     "ToySemantic": "datasets",
     "ToyInstances": "datasets",
     "CocoStuff27": "cocostuff",
+    "HeldOutSplit": "datasets",
+    "evaluate_online": "online",
+    "evaluate_teacher": "online",
 }
 
 __all__ = sorted(_EXPORTS)

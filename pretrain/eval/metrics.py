@@ -4,8 +4,9 @@
   predicted groups and ground-truth classes is accumulated over the *whole* dataset, groups are
   matched one-to-one to classes by the Hungarian algorithm (``scipy.optimize.linear_sum_assignment``),
   then mIoU and pixel accuracy are read off the matched matrix.
-* Object discovery: ARI on foreground pixels (Slot Attention Sec. 5.9) and the mean IoU of
-  Otsu-binarised masks matched to ground-truth objects (Baldassarre & Azizpour, App. A.5, Table 2).
+* Object discovery: ARI on foreground pixels (Slot Attention Sec. 5.9), the mean IoU of
+  Otsu-binarised masks matched to ground-truth objects (Baldassarre & Azizpour, App. A.5, Table 2),
+  and the mean best overlap (mBO) of each object with any predicted group.
 """
 from __future__ import annotations
 
@@ -263,3 +264,30 @@ def matched_iou(pred_masks: Tensor, instances: Tensor, background: int = 0) -> f
     iou = mask_iou(pred_masks.bool(), gt).cpu().numpy()
     rows, cols = linear_sum_assignment(iou, maximize=True)
     return float(iou[rows, cols].sum() / len(ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Mean best overlap
+# --------------------------------------------------------------------------------------------
+
+def best_overlap(instances: Tensor, pred_labels: Tensor, background: int = 0) -> float:
+    """Best overlap of one image: each ground-truth object's highest IoU with any predicted group, averaged
+    over the image's objects (background excluded); ``nan`` for an image without objects.
+
+    Unlike :func:`matched_iou` several objects may pick the same group, so mBO measures how well each
+    object is covered by *some* group without penalising a group that spans several objects twice.
+
+    Args:
+        instances: ``(H,W)`` instance ids, ``background`` for background.
+        pred_labels: ``(H,W)`` predicted group per pixel (hard masks: the argmax of the assignment).
+    """
+    if instances.shape != pred_labels.shape:
+        raise ValueError(f"shapes differ: {tuple(instances.shape)} vs {tuple(pred_labels.shape)}")
+    ids = [int(i) for i in torch.unique(instances) if int(i) != background]
+    if not ids:
+        return float("nan")
+    gt = torch.stack([instances == i for i in ids])
+    groups = torch.unique(pred_labels)
+    pred = torch.stack([pred_labels == g for g in groups])
+    return float(mask_iou(pred.cpu(), gt.cpu()).max(dim=0).values.mean())
+
