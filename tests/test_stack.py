@@ -4,7 +4,6 @@ Detectron2 and MMSegmentation have their own stack checks (test_detectron2_stack
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
