@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {side}", file=sys.stderr)
     elif a.random_init_json is not None:
         baseline = json.loads(a.random_init_json.read_text())
-    plot_curves(rows, out, baseline, title=str(a.run_dir))
+    plot_curves(rows, out, baseline, title=a.run_dir.resolve().name)  # the run's name: a full path crowds the figure
     last = rows[max(rows)]
     print(json.dumps({"epochs": sorted(rows), "last": {k: last.get(k) for k, _ in PANELS},
                       "random_init": None if baseline is None else {k: baseline.get(k) for k, _ in PANELS}}))
