@@ -12,7 +12,7 @@ demo: setup
 	$(PY) -m pretrain.demo
 
 test: setup-test
-	PRETRAIN_REQUIRE_SLURM=1 $(PY) -m pytest -q -ra tests
+	PRETRAIN_REQUIRE_SLURM=1 $(PY) -m pytest -q -ra --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
