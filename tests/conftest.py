@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# TensorBoard's protobuf modules are imported here, at collection, not first inside a test: the suite builds and
+# drops numba dispatchers (FFCV), whose finalizers can run in the middle of a later first import of protobuf, and
+# CPython 3.11's import lock then raises KeyError from importlib._bootstrap (seen once in Detectron2's writer).
+import torch.utils.tensorboard  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
