@@ -131,13 +131,6 @@ def _loss_start_end(run_dir: Path) -> tuple[float, float, int]:
     return sum(first) / len(first), sum(last) / len(last), rows[-1]["step"] + 1
 
 
-def _online_eval_rows(run_dir: Path) -> dict[int, dict]:
-    """The run's online evaluation rows by epoch (the last row of an epoch wins)."""
-    from pretrain.eval.curves import eval_curve
-
-    return eval_curve(run_dir)
-
-
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -213,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     # 2b. the online evaluation's curve (none when the run stopped before its first evaluation: train.max_steps)
     curve_png = out / "online_eval.png"
     curve_png.unlink(missing_ok=True)  # an earlier run's picture must not pass for this one's
-    online = _online_eval_rows(run_dir)
+    from pretrain.engine.eval_hook import FIGURES
+    from pretrain.eval.curves import eval_curve
+
+    online = eval_curve(run_dir)  # by epoch, the last row of an epoch winning
     if online:
         _run([py, "-m", "pretrain.eval.curves", str(run_dir), "--random-init", "--out", str(curve_png)],
              logs / "online_eval_curve.log", timings, "online eval curve")
@@ -270,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "unsup_pacc_random": unsup["random_init"]["pacc"],
         **tm,
         "online_eval_epochs": sorted(online),
-        "online_eval_last": {k: online_last.get(k) for k in ("miou", "pacc", "ari_fg", "mbo", "dead_prototypes",
-                                                             "entropy", "active_slots", "seconds")} if online else {},
+        "online_eval_last": {k: online_last.get(k) for k in (*FIGURES, "seconds")} if online else {},
         "online_eval_random_init": online_random,
         "seconds": timings,
         "artefacts": {

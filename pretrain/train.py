@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except ConfigError as e:  # only this: a Ctrl-C while loading is no second Ctrl-C of a run
+        return report_error(e)
     try:
         result = run(cfg)
     except BaseException as e:  # noqa: BLE001 - the documented errors become exit codes, the rest propagate
@@ -104,18 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
 
 
+#: Errors whose message goes to the run's log, and their exit codes.
+_LOGGED_ERRORS = ((NonFiniteError, EXIT_NONFINITE), (TooManyBadImages, EXIT_BAD_DATA),
+                  (ResumeError, EXIT_RESUME_REFUSED), (CheckpointWriteError, EXIT_WRITE_FAILED))
+
+
 def report_error(e: BaseException) -> int | None:
     """Log the message of an error :func:`run` documents and return its exit code (``None``: not one of them,
     a bug whose traceback the caller must show). Shared by :func:`main` and the SLURM job."""
-    if isinstance(e, NonFiniteError):
-        log.error("%s", e)
-        return EXIT_NONFINITE
-    if isinstance(e, TooManyBadImages):
-        log.error("%s", e)
-        return EXIT_BAD_DATA
-    if isinstance(e, ResumeError):
-        log.error("%s", e)
-        return EXIT_RESUME_REFUSED
+    for kind, code in _LOGGED_ERRORS:
+        if isinstance(e, kind):
+            log.error("%s", e)
+            return code
     if isinstance(e, ConfigError):
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -123,9 +122,6 @@ def report_error(e: BaseException) -> int | None:
         # stderr, not the logger: its file handler may still point at the holder's log.txt
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LOCKED
-    if isinstance(e, CheckpointWriteError):
-        log.error("%s", e)
-        return EXIT_WRITE_FAILED
     if isinstance(e, KeyboardInterrupt):
         log.error("interrupted by a second Ctrl-C: stopped without a checkpoint of the current step; "
                   "rerun the same command to resume from the last checkpoint")

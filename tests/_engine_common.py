@@ -56,6 +56,6 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
 
 def read_eval_rows(run_dir: Path) -> dict[int, dict]:
     """The online evaluation's rows by ``epoch`` (epochs completed); the last row of an epoch wins."""
-    from pretrain.engine.hooks import metrics_rows
+    from pretrain.eval.curves import eval_curve
 
-    return {r["epoch"]: r for r in metrics_rows(run_dir / "metrics.jsonl", "eval")}
+    return eval_curve(run_dir)

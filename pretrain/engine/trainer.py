@@ -254,12 +254,10 @@ class Trainer:
         if mode == "none":  # a previous run was moved aside by prepare_run_dir
             return None
         if mode != "auto":
-            found = self._explicit_resume(Path(mode))
-        elif not self.env.distributed:
-            found = ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits)
-        else:
-            found = self._agreed_latest()
-        return found
+            return self._explicit_resume(Path(mode))
+        if not self.env.distributed:
+            return ckpt_io.find_latest(self.ckpt_dir, run_id=self.run_id, check=self.fits)
+        return self._agreed_latest()
 
     def _explicit_resume(self, path: Path) -> tuple[Path, dict]:
         if not path.is_file():

@@ -26,7 +26,6 @@ nothing) and restores each module's mode, and runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -112,16 +111,11 @@ def accumulate(stats: OnlineStats, assign: Tensor, semantic: Tensor | None, inst
 
 
 def all_reduce_stats(stats: OnlineStats, device: torch.device) -> None:
-    """Sum ``stats`` over ranks in ONE all-reduce (a no-op in a single process)."""
-    import torch.distributed as dist
+    """Sum ``stats`` over ranks in ONE all-reduce (a no-op in a single process); on ``device``, the run's
+    (NCCL reduces CUDA tensors only)."""
+    from pretrain.engine.distributed import all_reduce
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    vec = stats.flat()
-    if dist.get_backend() == "nccl":
-        vec = vec.to(device)
-    dist.all_reduce(vec)
-    stats.load_flat(vec)
+    stats.load_flat(all_reduce(stats.flat().to(device)))
 
 
 def _mean(values: np.ndarray, defined: np.ndarray) -> float | None:
@@ -148,17 +142,16 @@ def summarize(stats: OnlineStats, has_semantic: bool, has_instances: bool) -> di
 
 
 @contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Every RNG stream as it was before: Python, NumPy, torch's CPU generator and ``device``'s CUDA one
-    (a DataLoader draws its base seed from torch's generator even with no worker)."""
-    py, npy = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
+def preserved_rng() -> Iterator[None]:
+    """Every RNG stream as it was before: Python, NumPy, torch's CPU and CUDA generators (a DataLoader draws
+    its base seed from torch's generator even with no worker); the checkpoint's own capture of them."""
+    from pretrain.engine.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
     try:
-        with torch.random.fork_rng(devices=devices):
-            yield
+        yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
+        set_rng_state(state)
 
 
 @contextmanager
@@ -212,8 +205,7 @@ def evaluate_teacher(method: nn.Module, dataset: HeldOutSplit, num_groups: int, 
     """:func:`evaluate_online` for a method that is training: RNG streams kept (:func:`preserved_rng`),
     eval mode with every module's mode restored (:func:`eval_mode`), no autograd. The teacher's EMA
     state and SlotCon's centre are buffers that ``assign`` only reads."""
-    device = kwargs.get("device") or torch.device("cpu")
-    with preserved_rng(device), eval_mode(method), torch.no_grad():
+    with preserved_rng(), eval_mode(method), torch.no_grad():
         return evaluate_online(method, dataset, num_groups, **kwargs)
 
 
