@@ -1,6 +1,6 @@
 """Benchmark: one online evaluation vs one epoch of pretraining, at the CPU demo's settings.
 
-Runs ``configs/pretrain/demo_cpu.yaml`` (its 30-epoch schedule, the demo's toy scenes) for ``--epochs``
+Runs ``configs/pretrain/demo_cpu.yaml`` (the demo's settings and toy scenes) for ``--epochs``
 epochs with the online evaluation after each (``eval.every_epochs=1``), in one process, so epochs and
 evaluations alternate on the same machine state. An epoch's time is the wall time from its start to the
 next epoch's start minus its evaluation (so it includes its checkpoint and pictures, as in the demo); an
@@ -36,6 +36,13 @@ def _demo_schedule() -> tuple[int, bool]:
 
     values = dict(x.split("=", 1) for x in DEMO_EVAL)
     return int(values["eval.every_epochs"]), values["eval.at_end"].lower() == "true"
+
+
+def _demo_epochs() -> int:
+    """``train.epochs`` of the demo's config: the schedule the evaluation's share is computed for."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(ROOT / "configs" / "pretrain" / "demo_cpu.yaml").train.epochs)
 
 
 def measure(data: Path, epochs: int, run_dir: Path) -> tuple[list[float], list[float], dict]:
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ep, ev = statistics.median(epoch_s), statistics.median(eval_s)
     # each evaluation against its own epoch: the pairs share the machine's state (other load comes and goes)
     pair = statistics.median(e / t for e, t in zip(eval_s, epoch_s))
-    total_epochs = 30
+    total_epochs = _demo_epochs()
     n_evals = total_epochs // every + (1 if at_end and total_epochs % every else 0)
     share = n_evals * pair / total_epochs
     cmd = shlex.join(["python", "tools/bench_online_eval.py", *(argv if argv is not None else sys.argv[1:])])
