@@ -8,7 +8,7 @@ ln K, while the mIoU still looked fine).
 
 Downstream, the converted teacher beats the run's own random initialisation, with the same schedule and
 seed, in Mask R-CNN box AP and FCN mIoU, fine-tuned and with the backbone frozen. Measured (README): with the
-45-epoch schedule every margin of seeds 0 and 2 is at least 2.9 points; with the former 30 epochs seed 2's
+45-epoch schedule every margin of seeds 0 and 2 is at least 2.7 points; with the former 30 epochs seed 2's
 fine-tuned Mask R-CNN led by only +1.3 AP^b (two of its six prototypes had died). The test asks for 2 points:
 the run it makes is bit-identical to a measured one only on the same kind of CPU with the same thread count
 (pretraining's float32 reductions depend on both), and a fine-tune from slightly different weights moves a
