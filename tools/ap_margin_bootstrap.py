@@ -40,12 +40,12 @@ def load_results(run_dir: str | Path) -> dict[int, list[dict]]:
 
 def average_precision(gt: COCO, dets: dict[int, list[dict]], image_ids: list[int], iou_type: str = "bbox") -> float:
     """COCO AP (percent) over ``image_ids``, which may repeat: each draw is scored as an image of its own."""
+    # Mask AP without the box: with it pycocotools takes the box area as the instance's (Detectron2 drops it too).
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
     images, anns, results = [], [], []
     for k, image_id in enumerate(image_ids, start=1):
         images.append({**gt.imgs[image_id], "id": k})
         anns += [{**a, "image_id": k, "id": len(anns) + i + 1} for i, a in enumerate(gt.imgToAnns[image_id])]
-        # Mask AP without the box: with it pycocotools takes the box area as the instance's (Detectron2 drops it too).
-        drop = "segmentation" if iou_type == "bbox" else "bbox"
         results += [{**{f: v for f, v in d.items() if f != drop}, "image_id": k} for d in dets.get(image_id, [])]
     resampled = COCO()
     resampled.dataset = {"images": images, "annotations": anns, "categories": list(gt.cats.values())}

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "pretrain" / "demo_cpu.yaml"
 sys.path.insert(0, str(ROOT))
 
 from tools.bench_common import write_table  # noqa: E402
@@ -40,9 +41,9 @@ def _demo_schedule() -> tuple[int, bool]:
 
 def _demo_epochs() -> int:
     """``train.epochs`` of the demo's config: the schedule the evaluation's share is computed for."""
-    from omegaconf import OmegaConf
+    from pretrain.config import load_config
 
-    return int(OmegaConf.load(ROOT / "configs" / "pretrain" / "demo_cpu.yaml").train.epochs)
+    return load_config(DEMO_CONFIG).train.epochs
 
 
 def measure(data: Path, epochs: int, run_dir: Path) -> tuple[list[float], list[float], dict]:
@@ -62,7 +63,7 @@ def measure(data: Path, epochs: int, run_dir: Path) -> tuple[list[float], list[f
             self.starts.append(time.perf_counter())
 
     # train.epochs shortens the schedule only: a step's work does not depend on its LR or momentum
-    cfg = load_config(ROOT / "configs/pretrain/demo_cpu.yaml",
+    cfg = load_config(DEMO_CONFIG,
                       [f"data.root={data}", f"train.run_dir={run_dir}", f"train.epochs={epochs}", "eval.every_epochs=1",
                        "eval.at_end=false", "log.progress_bar=false", "train.export_backbone=false"])
     clock = EpochClock()
