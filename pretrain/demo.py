@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The demo's online evaluation: the 64 held-out scenes after every 5th epoch and after the last
-#: (9 evaluations in 45 epochs; tools/bench_online_eval.py measures what they cost).
+#: (8 evaluations in 40 epochs; tools/bench_online_eval.py measures what they cost).
 DEMO_EVAL = ["eval.every_epochs=5", "eval.at_end=true"]
 
 

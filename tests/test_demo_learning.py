@@ -2,20 +2,21 @@
 
 Pretraining lowers the loss, keeps the teacher's assignments away from the uniform collapse, and SlotCon's
 unsupervised segmentation of held-out toy scenes beats the same network at random initialisation by at
-least 10 mIoU points. A broken loss, alignment or teacher update shows up here first (with the paper's LR at
-this scale the pretrained mIoU fell below random init; with tau_t 0.07 the assignments went uniform, entropy
+least 10 mIoU points. A broken loss, alignment or teacher update shows up here first (with the paper's LR and
+LARS trust coefficient at this scale the pretrained mIoU fell below random init; with tau_t 0.07 the assignments went uniform, entropy
 ln K, while the mIoU still looked fine).
 
 Downstream, the converted teacher beats the run's own random initialisation, with the same schedule and
-seed, in Mask R-CNN box AP and FCN mIoU, fine-tuned and with the backbone frozen. Measured (README): with the
-45-epoch schedule every margin of seeds 0 and 2 is at least 2.7 points; with the former 30 epochs seed 2's
-fine-tuned Mask R-CNN led by only +1.3 AP^b (two of its six prototypes had died). The test asks for 2 points:
-the run it makes is bit-identical to a measured one only on the same kind of CPU with the same thread count
-(pretraining's float32 reductions depend on both), and a fine-tune from slightly different weights moves a
-margin by a point or so (a paired bootstrap over the 64 validation scenes puts the box-AP margin's standard
-error at 0.7), which a 3-point bar would turn into a flaky test. A lost encoder variant (the stem max-pool the
-demo encoder does not have) or a BN problem in conversion shows up here: before the converters carried the
-variant, the pretrained FCN lost to random init by 5.5 points.
+seed, by the margins in :data:`MIN_MARGIN` (README, "What the demo measures", has them at seeds 0-2). Three
+points, the bar the demo is built for, in FCN mIoU (fine-tuned and frozen), frozen Mask R-CNN box AP and
+fine-tuned mask AP. The fine-tuned Mask R-CNN's box AP is asked for 1.5 points only: measured +2.2 at seed 0
+(AP50 +3.3, but AP75 about 5 for both inits: on scenes of 7-10 overlapping shapes box AP is bound by
+localisation, which the heads learn in the fine-tune and SlotCon's semantic grouping does not teach);
+with a paired-bootstrap standard error of 0.7 points (tools/ap_margin_bootstrap.py) a 3-point bar
+would fail on noise. Before the demo's pretraining used
+LARS eta 0.1 (base LR 8, eta 0.001: convolutions within 10 % of their initialisation) the fine-tuned FCN
+lost to random init (53.3 vs 55.7 at seed 0): that is the failure the FCN rows catch; before the converters
+carried the encoder variant (the stem max-pool the demo encoder does not have) the FCN lost by 5.5 points.
 
 Slow: it is ``make demo`` (see BENCHMARKS.md for its stages' wall times); the README lists the numbers of
 the seeds measured.
@@ -32,6 +33,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: Pretrained minus random init, in points, that the default demo must show (summary.json keys).
+MIN_MARGIN = {
+    "seg_full_{}_mIoU": 3.0,
+    "seg_frozen_{}_mIoU": 3.0,
+    "det_frozen_{}_AP_b": 3.0,
+    "det_full_{}_AP_m": 3.0,
+    "det_full_{}_AP_b": 1.5,
+}
+
 
 @pytest.mark.slow
 def test_demo_pretraining_and_transfer_beat_random_init(tmp_path: Path) -> None:
@@ -42,12 +52,11 @@ def test_demo_pretraining_and_transfer_beat_random_init(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     pre, rnd = s["unsup_miou_pretrained"], s["unsup_miou_random"]
     assert pre >= rnd + 10.0, f"unsupervised mIoU {pre:.1f} vs random init {rnd:.1f}: less than 10 points apart"
-    for mode in ("full", "frozen"):
-        for key in (f"det_{mode}_{{}}_AP_b", f"seg_{mode}_{{}}_mIoU"):
-            p, r = s[key.format("pretrained")], s[key.format("random")]
-            assert p >= r + 2.0, f"{key.format('pretrained|random')}: {p:.1f} vs {r:.1f}, less than 2 points apart"
-    # Every prototype in use at the end: with 30 epochs two of seed 2's six died at epoch 10 and never came back
-    # (only background and circles found); the 45-epoch schedule revives them (seeds 0 and 2: none dead from epoch 25).
+    for key, margin in MIN_MARGIN.items():
+        p, r = s[key.format("pretrained")], s[key.format("random")]
+        assert p >= r + margin, f"{key.format('pretrained|random')}: {p:.1f} vs {r:.1f}, less than {margin} points apart"
+    # Every prototype in use at the end: with the former base LR 8 and 30 epochs two of seed 2's six died at
+    # epoch 10 and never came back (only background and circles found).
     assert s["online_eval_last"]["dead_prototypes"] == 0, s["online_eval_last"]
     # The training loss fell over the run (first vs last 10 steps).
     run = Path(s["artefacts"]["run_dir"])
