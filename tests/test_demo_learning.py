@@ -9,7 +9,7 @@ ln K, while the mIoU still looked fine).
 Downstream, the converted teacher beats the run's own random initialisation, with the same schedule and
 seed, by the margins in :data:`MIN_MARGIN` (README, "What the demo measures", has them at seeds 0-2): three
 points, the bar the demo is built for, in FCN mIoU (fine-tuned and frozen) and frozen Mask R-CNN box AP. The
-fine-tuned Mask R-CNN's box AP is asked for 1.5 points only: measured +2.2 at seed 0 and +3.7 at seed 1 (seed
+fine-tuned Mask R-CNN's box AP is asked for 1.5 points only: measured +2.2, +3.7, +4.8 at seeds 0, 1, 2 (seed
 0's AP50 +3.3, but AP75 about 5 for both inits: on scenes of 7-10 overlapping shapes box AP is bound by
 localisation, which the heads learn in the fine-tune and SlotCon's semantic grouping does not teach); with a
 paired-bootstrap standard error of 0.7 points (tools/ap_margin_bootstrap.py) a 3-point bar would fail on noise.
