@@ -11,13 +11,16 @@ eta, epochs or batch that leaves LARS no room fails here in a second instead of 
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from pretrain.config import load_config
+from pretrain.data.toy_scenes import make_toy_scenes
 from pretrain.engine.schedules import lr_at, peak_lr
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo_cpu.yaml"
-TOY_TRAIN_SCENES = 256  # tools/make_toy_scenes.py's default, which the demo generates
+# The demo generates the default set (tools/make_toy_scenes.py passes the same default).
+TOY_TRAIN_SCENES = inspect.signature(make_toy_scenes).parameters["n_train"].default
 
 
 def lars_reach(overrides: list[str] | None = None) -> float:

@@ -3,16 +3,17 @@
 Pretraining lowers the loss, keeps the teacher's assignments away from the uniform collapse, and SlotCon's
 unsupervised segmentation of held-out toy scenes beats the same network at random initialisation by at
 least 10 mIoU points. A broken loss, alignment or teacher update shows up here first (with the paper's LR and
-LARS trust coefficient at this scale the pretrained mIoU fell below random init; with tau_t 0.07 the assignments went uniform, entropy
-ln K, while the mIoU still looked fine).
+LARS trust coefficient at this scale the pretrained mIoU fell below random init; with tau_t 0.07 the assignments
+went uniform, entropy ln K, while the mIoU still looked fine).
 
 Downstream, the converted teacher beats the run's own random initialisation, with the same schedule and
 seed, by the margins in :data:`MIN_MARGIN` (README, "What the demo measures", has them at seeds 0-2): three
 points, the bar the demo is built for, in FCN mIoU (fine-tuned and frozen) and frozen Mask R-CNN box AP. The
-fine-tuned Mask R-CNN's box AP is asked for 1.5 points only: measured +2.2, +3.7, +4.8 at seeds 0, 1, 2 (seed
-0's AP50 +3.3, but AP75 about 5 for both inits: on scenes of 7-10 overlapping shapes box AP is bound by
-localisation, which the heads learn in the fine-tune and SlotCon's semantic grouping does not teach); with a
-paired-bootstrap standard error of 0.7 points (tools/ap_margin_bootstrap.py) a 3-point bar would fail on noise.
+fine-tuned Mask R-CNN's box AP is asked for 2 points, as before: measured +2.2, +3.7, +4.8 at seeds 0, 1, 2
+(seed 0's AP50 +3.3, but AP75 about 5 for both inits: on scenes of 7-10 overlapping shapes box AP is bound by
+localisation, which the heads learn in the fine-tune and SlotCon's semantic grouping does not teach). 2 holds at
+seed 0 because this run is bit-identical to the measured one on the same CPU and thread count; with a
+paired-bootstrap standard error of 0.7 points (tools/ap_margin_bootstrap.py) a 3-point bar would fail there.
 Before the demo's pretraining used LARS eta 0.1 (base LR 8, eta 0.001: convolutions within 10 % of their
 initialisation) the fine-tuned FCN lost to random init (53.3 vs 55.7 at seed 0): that is the failure the FCN
 rows catch; before the converters carried the encoder variant (the stem max-pool the demo encoder does not
@@ -38,7 +39,7 @@ MIN_MARGIN = {
     "seg_full_{}_mIoU": 3.0,
     "seg_frozen_{}_mIoU": 3.0,
     "det_frozen_{}_AP_b": 3.0,
-    "det_full_{}_AP_b": 1.5,
+    "det_full_{}_AP_b": 2.0,
 }
 
 
@@ -53,7 +54,8 @@ def test_demo_pretraining_and_transfer_beat_random_init(tmp_path: Path) -> None:
     assert pre >= rnd + 10.0, f"unsupervised mIoU {pre:.1f} vs random init {rnd:.1f}: less than 10 points apart"
     for key, margin in MIN_MARGIN.items():
         p, r = s[key.format("pretrained")], s[key.format("random")]
-        assert p >= r + margin, f"{key.format('pretrained|random')}: {p:.1f} vs {r:.1f}, less than {margin} points apart"
+        name = key.format("pretrained|random")
+        assert p >= r + margin, f"{name}: {p:.1f} vs {r:.1f}, less than {margin} points apart"
     # Every prototype in use at the end: with the former base LR 8 and 30 epochs two of seed 2's six died at
     # epoch 10 and never came back (only background and circles found).
     assert s["online_eval_last"]["dead_prototypes"] == 0, s["online_eval_last"]
