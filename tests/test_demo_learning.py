@@ -15,7 +15,7 @@ localisation, which the heads learn in the fine-tune and SlotCon's semantic grou
 seed 0 because this run is bit-identical to the measured one on the same CPU and thread count; with a
 paired-bootstrap standard error of 0.7 points (tools/ap_margin_bootstrap.py) a 3-point bar would fail there;
 nor did any change of the fine-tune (its own seed, warm-up, 150 or 300 iterations) or of the pretraining (50
-epochs, 80 or 96 px views) lift seed 0's margin above +2.5 (README).
+epochs, 80 or 96 px views, 4x the unlabelled scenes) lift seed 0's margin above +2.8 (README).
 Before the demo's pretraining used LARS eta 0.1 (base LR 8, eta 0.001: convolutions within 10 % of their
 initialisation) the fine-tuned FCN lost to random init (53.3 vs 55.7 at seed 0): that is the failure the FCN
 rows catch; before the converters carried the encoder variant (the stem max-pool the demo encoder does not
