@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pretrain.config_rules import (NON_EMPTY, NON_NEGATIVE, POSITIVE, PROBABILITY, Choice, Problem, Rule, at_least,
+from pretrain.config_rules import (NON_EMPTY, NON_NEGATIVE, PROBABILITY, Choice, Problem, Rule, at_least,
                                    check_fields, entries, interval)
 
 
@@ -49,10 +49,6 @@ class DataConfig:
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
-    # Gaussian blur sigma range in pixels of the view. BYOL's [0.1, 2.0] is meant for 224 px views;
-    # smaller views need it scaled by image_size / 224, or the blur erases what a cell of the
-    # feature map would see (configs/pretrain/demo_cpu.yaml).
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # more undecodable images than this stops the run
@@ -78,7 +74,6 @@ DATA_RULES: dict[str, Rule] = {
     "color_jitter_p": PROBABILITY,
     "grayscale_p": PROBABILITY,
     "blur_p": entries(PROBABILITY, 2, "one per view"),
-    "blur_sigma": entries(POSITIVE, 2, "min, max in pixels"),
     "solarize_p": entries(PROBABILITY, 2, "one per view"),
     "num_workers": NON_NEGATIVE,
     "max_bad_fraction": PROBABILITY,
@@ -94,8 +89,6 @@ def data_problems(cfg: DataConfig) -> Iterator[Problem]:
     yield from check_fields(cfg, "data", DATA_RULES)
     if cfg.min_scale > cfg.max_scale:
         yield Problem("data.min_scale", cfg.min_scale, f"<= data.max_scale ({cfg.max_scale})")
-    if len(cfg.blur_sigma) == 2 and cfg.blur_sigma[0] > cfg.blur_sigma[1]:
-        yield Problem("data.blur_sigma", cfg.blur_sigma, "a [min, max] pair with min <= max")
     # A hue shift is a fraction of a turn: +-0.5 already reaches every hue (torchvision's bound).
     if len(cfg.color_jitter) == 4 and cfg.color_jitter[3] > 0.5:
         yield Problem("data.color_jitter", cfg.color_jitter, "a list whose hue entry (the 4th) is <= 0.5")

@@ -83,8 +83,6 @@ def _checked(cfg) -> DataConfig:
     for key in ("blur_p", "solarize_p"):
         if len(getattr(cfg, key)) != 2:
             raise ValueError(f"data.{key} needs one probability per view, got {getattr(cfg, key)}")
-    if len(cfg.blur_sigma) != 2 or not 0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1]:
-        raise ValueError(f"data.blur_sigma needs [min, max] with 0 < min <= max, got {cfg.blur_sigma}")
     if len(cfg.color_jitter) != 4:
         raise ValueError(f"data.color_jitter needs (brightness, contrast, saturation, hue), got {cfg.color_jitter}")
     if cfg.image_size < 8:

@@ -6,8 +6,7 @@ from ``(seed, epoch, index, view)`` only, so a batch is reproducible without rep
 
 Recipe (BYOL, Grill et al. 2020, Table 6): colour jitter (brightness 0.4, contrast 0.4,
 saturation 0.2, hue 0.1) in random order with p 0.8; grayscale p 0.2; Gaussian blur with
-sigma in [0.1, 2.0] (pixels of a 224 px view; ``data.blur_sigma``) and a kernel of 10% of the image side,
-p 1.0 / 0.1 for views 1 / 2;
+sigma in [0.1, 2.0] and a kernel of 10% of the image side, p 1.0 / 0.1 for views 1 / 2;
 solarisation at 128/255 with p 0.0 / 0.2; then ImageNet normalisation.
 """
 from __future__ import annotations
@@ -28,13 +27,8 @@ _HSV_N = (5.0, 3.0, 1.0)
 
 def sample_photometric(seed: int, epoch: int, indices: Sequence[int], view: int, *,
                        color_jitter: Sequence[float], color_jitter_p: float, grayscale_p: float,
-                       blur_p: float, solarize_p: float,
-                       blur_sigma: Sequence[float] = (0.1, 2.0)) -> dict[str, torch.Tensor]:
-    """Per-sample photometric parameters for ``view`` (0 or 1) of the samples ``indices``.
-
-    ``blur_sigma``: the blur's sigma range in pixels (BYOL's, for 224 px views, by default).
-    """
-    sigma_lo, sigma_hi = (float(v) for v in blur_sigma)
+                       blur_p: float, solarize_p: float) -> dict[str, torch.Tensor]:
+    """Per-sample photometric parameters for ``view`` (0 or 1) of the samples ``indices``."""
     b, c, s, h = color_jitter
     rows = []
     for idx in indices:
@@ -45,7 +39,7 @@ def sample_photometric(seed: int, epoch: int, indices: Sequence[int], view: int,
             [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
              rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h)],
             rng.permutation(4),
-            [u[1] < grayscale_p, u[2] < blur_p, rng.uniform(sigma_lo, sigma_hi), u[3] < solarize_p],
+            [u[1] < grayscale_p, u[2] < blur_p, rng.uniform(0.1, 2.0), u[3] < solarize_p],
         ]))
     p = torch.as_tensor(np.asarray(rows, dtype=np.float64).reshape(len(rows), 13), dtype=torch.float32)
     return {

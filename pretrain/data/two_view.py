@@ -30,8 +30,7 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 def photometric_kwargs(cfg: DataConfig, view: int) -> dict[str, Any]:
     """The photometric settings of ``view`` (0 or 1) from the config."""
     return dict(color_jitter=cfg.color_jitter, color_jitter_p=cfg.color_jitter_p,
-                grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p[view], solarize_p=cfg.solarize_p[view],
-                blur_sigma=tuple(cfg.blur_sigma))
+                grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p[view], solarize_p=cfg.solarize_p[view])
 
 
 def draw_pair(cfg: DataConfig, seed: int, epoch: int, index: int, height: int, width: int) -> np.ndarray:
