@@ -38,6 +38,19 @@ def test_demo_runs_every_stage(tmp_path: Path) -> None:
     for path in summary["artefacts"].values():
         assert Path(path).exists(), path
     assert len(list((out / "slot_pictures").glob("*.png"))) == 4
+    # the same pairs over fine-tune seeds (pretrain.demo_seeds): the seed reaches both frameworks' configs
+    seeds = subprocess.run([sys.executable, "-m", "pretrain.demo_seeds", str(out), "--data", str(data),
+                            "--seeds", "0", "1", "--pairs", "det-frozen", "seg-frozen", "--transfer-iters", "2"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert seeds.returncode == 0, seeds.stdout[-3000:] + seeds.stderr[-3000:]
+    spread_dir = out / "seed_spread_iters2"
+    spread = json.loads((spread_dir / "seed_spread.json").read_text())["margins"]
+    assert set(spread) == {"det_frozen_AP_b", "det_frozen_AP_m", "seg_frozen_mIoU"}
+    assert all(set(row["per_seed"]) == {"0", "1"} for row in spread.values())
+    d2_cfg = (spread_dir / "seed1" / "transfer" / "det_frozen_random" / "config.yaml").read_text()
+    assert "\nSEED: 1\n" in d2_cfg
+    seg_cfg = next((spread_dir / "seed1" / "transfer" / "seg_frozen_pretrained").glob("*.py")).read_text()
+    assert "randomness = dict(seed=1)" in seg_cfg
     assert "tensorboard --logdir" in proc.stdout
     assert list((Path(summary["artefacts"]["tensorboard"])).glob("events.out.tfevents.*"))
 
