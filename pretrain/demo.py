@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,17 @@ def _run_pair(cmds: dict[str, list[str]], logs: dict[str, Path], timings: dict[s
     print(f"    done in {timings[name]:.0f} s", flush=True)
     if failed:
         raise SystemExit("demo: step " + "; ".join(failed))
+
+
+def weight_paths(out: Path) -> dict[str, tuple[Path, Path]]:
+    """The converted backbones the demo writes to ``out``, by init: ``(Detectron2 .pkl, MMSegmentation .pth)``."""
+    return {"pretrained": (out / "backbone_d2.pkl", out / "backbone_mmseg.pth"),
+            "random": (out / "random_init_d2.pkl", out / "random_init_mmseg.pth")}
+
+
+def pair_logs(logs: Path, pair: str, inits: Iterable[str]) -> dict[str, Path]:
+    """The log file of each run of a transfer pair (``transfer_runs``' pair name) under ``logs``."""
+    return {init: logs / f"{pair.replace(' ', '_')}_{init}.log" for init in inits}
 
 
 def transfer_runs(py: str, data: Path, out: Path, weights: dict[str, tuple[Path, Path]], iters: int | None = None
@@ -226,26 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "tools/visualize_slots.py", str(run_dir), *map(str, val_images), "--out", str(pictures)],
          logs / "visualize.log", timings, "slot pictures")
     # 5. conversion
-    d2_weights, mmseg_weights = out / "backbone_d2.pkl", out / "backbone_mmseg.pth"
+    weights = weight_paths(out)
+    d2_weights, mmseg_weights = weights["pretrained"]
     _run([py, "tools/convert_to_d2.py", str(run_dir), str(d2_weights)], logs / "convert_d2.log", timings, "convert d2")
     _run([py, "tools/convert_to_mmseg.py", str(run_dir), str(mmseg_weights)], logs / "convert_mmseg.log", timings,
          "convert mmseg")
     # the transfer baseline: the same encoder as the run initialised it, converted the same way
     random_backbone = out / "random_init_backbone.pth"
-    random_weights = (out / "random_init_d2.pkl", out / "random_init_mmseg.pth")
+    random_weights = weights["random"]
     _run([py, "-m", "pretrain.engine.checkpoint", str(run_dir), str(random_backbone), "--random-init"],
          logs / "export_random_init.log", timings, "export random init")
     _run([py, "tools/convert_to_d2.py", str(random_backbone), str(random_weights[0])],
          logs / "convert_d2_random_init.log", timings, "convert d2 (random init)")
     _run([py, "tools/convert_to_mmseg.py", str(random_backbone), str(random_weights[1])],
          logs / "convert_mmseg_random_init.log", timings, "convert mmseg (random init)")
-    runs = transfer_runs(py, data, out, {"pretrained": (d2_weights, mmseg_weights), "random": random_weights},
-                         args.transfer_iters)
+    runs = transfer_runs(py, data, out, weights, args.transfer_iters)
     if not args.skip_transfer:
         # 6. transfer: pretrained vs random init, full fine-tune and frozen backbone
         for pair, by_init in runs.items():
-            _run_pair({init: cmd for init, (cmd, _) in by_init.items()},
-                      {init: logs / f"{pair.replace(' ', '_')}_{init}.log" for init in by_init}, timings, pair)
+            _run_pair({init: cmd for init, (cmd, _) in by_init.items()}, pair_logs(logs, pair, by_init), timings,
+                      pair)
     timings["total"] = time.perf_counter() - t_start
 
     # 7. summary

@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretrain.demo import ROOT, _fmt, _run_pair, transfer_metrics, transfer_runs
+from pretrain.demo import ROOT, _fmt, _run_pair, pair_logs, transfer_metrics, transfer_runs, weight_paths
 
 #: ``--pairs`` names -> the pair names of ``transfer_runs``.
 PAIRS = {"det-full": "detectron2 full", "det-frozen": "detectron2 frozen",
@@ -33,8 +33,7 @@ def _refuse(message: str) -> None:
 
 def weights_of(demo_out: Path) -> dict[str, tuple[Path, Path]]:
     """The converted weights ``python -m pretrain.demo`` wrote to ``demo_out``, by init (exit 2 if one is missing)."""
-    weights = {"pretrained": (demo_out / "backbone_d2.pkl", demo_out / "backbone_mmseg.pth"),
-               "random": (demo_out / "random_init_d2.pkl", demo_out / "random_init_mmseg.pth")}
+    weights = weight_paths(demo_out)
     missing = [str(p) for pair in weights.values() for p in pair if not p.is_file()]
     if missing:
         _refuse(f"{', '.join(missing)} not found: run `python -m pretrain.demo --out {demo_out}` "
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             for _, path in by_init.values():
                 path.unlink(missing_ok=True)  # half a pair from an interrupted call is not this call's result
             _run_pair({init: seeded(pair, cmd, seed) for init, (cmd, _) in by_init.items()},
-                      {init: logs / f"{pair.replace(' ', '_')}_{init}.log" for init in by_init}, timings,
-                      f"seed {seed} ({i}/{len(args.seeds)}), {pair}")
+                      pair_logs(logs, pair, by_init), timings, f"seed {seed} ({i}/{len(args.seeds)}), {pair}")
         per_seed[seed] = transfer_metrics(runs, ran=True)
     spread = margins(per_seed)
     md = table(spread, args.seeds)
